@@ -1,0 +1,89 @@
+"""The interface every quantization backend implements."""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pipeline.errors import ToolError
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """What a variant's files are and who can load them (recorded in the manifest).
+
+    Attributes:
+        format: the checkpoint format, e.g. ``compressed-tensors``.
+        scheme: the quantization scheme in the backend's own naming.
+        weight_bits: bits per quantized weight (scales not counted).
+        engines: serving engines that load this format.
+        min_compute_capability: lowest NVIDIA compute capability the engines run it on.
+        serve: per engine, the command that serves the published folder (``{path}`` is filled in).
+        cpu_evaluation: how the CPU quality check computes what the engine computes.
+    """
+
+    format: str
+    scheme: str
+    weight_bits: float
+    engines: tuple[str, ...]
+    min_compute_capability: float | None
+    serve: dict[str, str] = field(default_factory=dict)
+    cpu_evaluation: str = ""
+
+
+class Backend(ABC):
+    """A quantization backend.
+
+    Class attributes:
+        name: the recipe's ``backend:`` value.
+        distributions: (import name, distribution name) pairs it needs; their versions enter
+            the quantize stage's key.
+        extra: the ``pip install 'modelbuild[extra]'`` that provides them.
+    """
+
+    name: ClassVar[str]
+    distributions: ClassVar[tuple[tuple[str, str], ...]]
+    extra: ClassVar[str]
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        return tuple(dist for _mod, dist in self.distributions)
+
+    def check_environment(self) -> None:
+        """Fail early, before any stage runs, when the backend's libraries are missing.
+
+        Raises:
+            ToolError: naming the missing distribution and the install command.
+        """
+        for module, dist in self.distributions:
+            if importlib.util.find_spec(module) is None:
+                raise ToolError(
+                    f"backend {self.name!r} needs {dist}, which is not installed",
+                    fix=f"pip install 'modelbuild[{self.extra}]'",
+                )
+
+    def check_variant(self, variant: Any, model_config: dict[str, Any]) -> None:
+        """Plan-time checks of a variant against the model's config (shapes, architecture).
+
+        Raises:
+            RecipeError: the model cannot take this variant.
+        """
+
+    @abstractmethod
+    def describe(self, variant: Any) -> FormatInfo:
+        """Format, engines and serving command of the variant's output (no heavy imports)."""
+
+    @abstractmethod
+    def quantize(self, variant: Any, source: Path, out: Path, *, calibration: Any, device: str) -> dict[str, Any]:
+        """Write the quantized checkpoint of ``source`` into ``out``; return facts for the manifest."""
+
+    @abstractmethod
+    def load_for_eval(self, path: Path, device: str) -> Any:
+        """Load a quantized checkpoint as a torch module computing what its engine computes.
+
+        Weights must be the stored values dequantized exactly; activation quantization the engine
+        performs is simulated.
+        """

@@ -1,0 +1,128 @@
+"""The one exception tree of modelbuild.
+
+::
+
+    ModelbuildError                      exit 1   anything that stops a command
+    ├── InputError                       exit 2   the user's input is wrong; fix it and rerun
+    │   ├── RecipeError                           recipe file: YAML, schema, cross-field checks
+    │   ├── SourceError                           model source: missing, no weights, corrupt, pickle
+    │   ├── DataError                             calibration / eval corpora
+    │   └── StorageError                          publish root not usable
+    ├── ToolError                        exit 2   a backend's library is missing or too old
+    ├── StageError                       exit 4   a stage failed while running
+    ├── GateFailed                       exit 3   a variant missed its quality gate
+    ├── IntegrityError                   exit 5   published files differ from their manifest
+    └── Interrupted                      exit 130 Ctrl-C; nothing half-written was kept
+
+Every error renders as one line: what went wrong, where, and how to fix it. The CLI maps each
+family to its exit code (``exit_code``) and prints a traceback only when MODELBUILD_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+
+class ModelbuildError(Exception):
+    """Root of every error modelbuild raises on purpose.
+
+    Args:
+        message: what went wrong.
+        where: the file, field or stage it concerns (optional).
+        fix: what the user can do about it (optional).
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, where: str | None = None, fix: str | None = None):
+        self.message = message
+        self.where = where
+        self.fix = fix
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        if self.fix:
+            text = f"{text} ({self.fix})"
+        # One line, always: multi-line library messages are folded.
+        return " ".join(text.split())
+
+
+class InputError(ModelbuildError):
+    exit_code = 2
+
+
+class RecipeError(InputError):
+    """A recipe that cannot be read or does not satisfy the schema."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        field: str | None = None,
+        line: int | None = None,
+        fix: str | None = None,
+    ):
+        self.file, self.field, self.line = file, field, line
+        where = file or "recipe"
+        if line is not None:
+            where = f"{where}:{line}"
+        if field:
+            where = f"{where}: {field}"
+        super().__init__(message, where=where, fix=fix)
+
+
+class SourceError(InputError):
+    """The model source is missing, empty, corrupt or not allowed."""
+
+
+class DataError(InputError):
+    """A calibration or evaluation corpus is missing, too short or misused."""
+
+
+class StorageError(InputError):
+    """The storage root cannot be written."""
+
+
+class ToolError(ModelbuildError):
+    """A backend's library is not installed or cannot run here."""
+
+    exit_code = 2
+
+
+class StageError(ModelbuildError):
+    """A stage raised while running; its partial output was discarded."""
+
+    exit_code = 4
+
+
+class GateFailed(ModelbuildError):
+    """One or more variants missed their quality gate and were not published.
+
+    Args:
+        failures: one ``GateCheck``-like line per failed (variant, metric).
+    """
+
+    exit_code = 3
+
+    def __init__(self, failures: list[str]):
+        self.failures = failures
+        super().__init__("; ".join(failures), fix="not published; loosen the gate or change the variant")
+
+
+class IntegrityError(ModelbuildError):
+    """Files on disk do not match the manifest that describes them."""
+
+    exit_code = 5
+
+
+class Interrupted(ModelbuildError):
+    """The user pressed Ctrl-C; the stage's partial output was discarded."""
+
+    exit_code = 130
+
+
+class CacheEntryCorrupt(Exception):
+    """A cache entry failed its check; the store deletes it and the stage reruns.
+
+    Internal: never reaches the user as an error, only as a warning.
+    """

@@ -1,0 +1,104 @@
+"""Run a plan's stages in dependency order on this machine, reusing cached outputs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.cache.store import CacheStore, Entry
+from pipeline.errors import Interrupted, ModelbuildError, StageError
+from pipeline.plan.stage import Stage
+from pipeline.stages import runner
+from pipeline.stages.context import RunContext, StageInput
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one stage.
+
+    Attributes:
+        status: ``cached`` (entry reused), ``built`` (ran, now cached) or ``ran`` (uncached stage).
+    """
+
+    stage: Stage
+    status: str
+    result: dict[str, Any]
+    seconds: float
+    entry: Entry | None = None
+
+
+@dataclass
+class Report:
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    def ran(self) -> list[str]:
+        """Ids of stages that did work (were not served from the cache)."""
+        return [sid for sid, o in self.outcomes.items() if o.status == "built"]
+
+
+def execute(plan, ctx: RunContext, store: CacheStore) -> Report:
+    """Run every stage of ``plan``.
+
+    Raises:
+        Interrupted: Ctrl-C (the running stage's temp output is removed first).
+        StageError: a stage raised something unexpected.
+        ModelbuildError: a stage found bad input.
+    """
+    report = Report()
+    total = len(plan.stages)
+    for index, stage in enumerate(plan.stages, 1):
+        inputs = {
+            sid: StageInput(report.outcomes[sid].result, report.outcomes[sid].entry) for sid in stage.inputs
+        }
+        started = time.perf_counter()
+        if stage.cached:
+            entry = store.get(stage.key)
+            status = "cached"
+            if entry is None:
+                ctx.reporter.stage(index, total, stage.id, "running")
+                entry = _guarded(
+                    stage,
+                    lambda: store.put(
+                        stage.key,
+                        lambda out: runner(stage.kind).run(ctx, stage, inputs, out),
+                        {"stage": stage.id, "kind": stage.kind, "params": stage.params},
+                    ),
+                )
+                status = "built"
+            outcome = Outcome(stage, status, entry.result, time.perf_counter() - started, entry)
+        else:
+            result = _guarded(stage, lambda: runner(stage.kind).run(ctx, stage, inputs))
+            outcome = Outcome(stage, "ran", result, time.perf_counter() - started)
+        report.outcomes[stage.id] = outcome
+        ctx.reporter.stage(index, total, stage.id, _describe(outcome), outcome.seconds if status_is_work(outcome) else None)
+    return report
+
+
+def status_is_work(outcome: Outcome) -> bool:
+    return outcome.status == "built"
+
+
+def _describe(outcome: Outcome) -> str:
+    if outcome.stage.kind == "gate":
+        return "passed" if outcome.result["passed"] else "[red]FAILED[/red]"
+    if outcome.stage.kind == "publish":
+        return outcome.result["status"] + (f" → {outcome.result['path']}" if "path" in outcome.result else "")
+    return {"cached": "cached", "built": "done"}.get(outcome.status, outcome.status)
+
+
+def _guarded(stage: Stage, call):
+    try:
+        return call()
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted during stage {stage.id}",
+            fix="nothing half-written was kept; rerun the same command to resume",
+        ) from None
+    except ModelbuildError:
+        raise
+    except Exception as e:  # a library failed inside a stage: one line, traceback under debug
+        raise StageError(
+            f"stage {stage.id} failed: {type(e).__name__}: {e}",
+            fix="rerun with MODELBUILD_DEBUG=1 for the traceback",
+        ) from e

@@ -1,0 +1,98 @@
+"""The steps behind ``modelbuild plan`` and ``modelbuild run``, with everything that varies injected."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.backends import get_backend
+from pipeline.cache.store import CacheStore
+from pipeline.executors.local import Report, execute
+from pipeline.plan.build import Plan, build_plan
+from pipeline.progress import Reporter
+from pipeline.recipe.load import LoadedRecipe, load_recipe
+from pipeline.stages.context import RunContext
+from pipeline.storage.publish import check_writable
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MODELBUILD_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "modelbuild"
+
+
+def storage_root(loaded: LoadedRecipe, override: Path | None) -> Path:
+    """``--storage``, else the recipe's ``publish.root``, else ``./artifacts``."""
+    if override is not None:
+        return Path(override).expanduser().resolve()
+    if loaded.recipe.publish.root is not None:
+        return Path(loaded.recipe.publish.root)
+    return (Path.cwd() / "artifacts").resolve()
+
+
+@dataclass
+class Prepared:
+    loaded: LoadedRecipe
+    plan: Plan
+    store: CacheStore
+    storage: Path
+
+
+def prepare(recipe_path: Path, *, cache_dir: Path | None, storage: Path | None, reporter: Reporter) -> Prepared:
+    """Load, check and plan a recipe; no stage runs.
+
+    Raises:
+        ModelbuildError: any bad input, before any work starts.
+    """
+    loaded = load_recipe(recipe_path)
+    for name in sorted({v.backend for v in loaded.recipe.variants}):
+        get_backend(name).check_environment()
+    plan = build_plan(loaded)
+    store = CacheStore(cache_dir or default_cache_dir(), warn=reporter.warn)
+    return Prepared(loaded, plan, store, storage_root(loaded, storage))
+
+
+def run(prepared: Prepared, *, device: str, reporter: Reporter) -> Report:
+    """Execute a prepared plan: the storage root is probed first, so nothing runs for nothing."""
+    from pipeline.quality.runner import pick_device
+
+    check_writable(prepared.storage)
+    write_lock(prepared)
+    ctx = RunContext(
+        loaded=prepared.loaded,
+        source=prepared.plan.source,
+        storage_root=prepared.storage,
+        device=pick_device(device),
+        reporter=reporter,
+        plan=prepared.plan,
+    )
+    return execute(prepared.plan, ctx, prepared.store)
+
+
+def write_lock(prepared: Prepared) -> None:
+    """Record a Hub source's resolved commit beside the recipe (``<recipe>.lock.json``)."""
+    source = prepared.plan.source
+    if source.kind != "hub":
+        return
+    path = prepared.loaded.lock_path
+    lock = {
+        "recipe_sha256": prepared.loaded.digest,
+        "source": source.provenance,
+        "resolved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if old.get("source") == lock["source"] and old.get("recipe_sha256") == lock["recipe_sha256"]:
+                return  # unchanged: keep the file (and its timestamp) as it is
+        except ValueError:
+            pass
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

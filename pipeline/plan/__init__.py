@@ -1,0 +1,1 @@
+"""Planning: a recipe becomes a DAG of keyed stages."""

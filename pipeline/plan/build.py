@@ -1,0 +1,193 @@
+"""Turn a recipe into the build DAG.
+
+::
+
+    fetch ──► baseline ───────────────┐
+      └────► quantize/<v> ──► evaluate/<v> ──► gate/<v> ──► publish/<v>
+
+Every key is computed up front (a stage's key includes its inputs' keys), so ``plan`` can say
+which stages are cached before anything runs. Plan time also does the cheap checks that would
+otherwise fail late: the source is resolved (files hashed, Hub commit pinned), corpora are read
+and hashed, the storage root is probed, and each backend checks the variant against the model's
+config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline import sources
+from pipeline.backends import get_backend
+from pipeline.errors import DataError, StageError
+from pipeline.hashing import sha256_file
+from pipeline.plan.stage import Hints, Stage, tool_version
+from pipeline.quality.corpus import read_text
+from pipeline.recipe.load import LoadedRecipe
+from pipeline.sources import ResolvedSource
+from pipeline.stages import VERSIONS
+
+EVAL_TOOLS = ("torch", "transformers")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stages of one recipe in dependency order, with their keys.
+
+    Attributes:
+        stages: topologically ordered.
+        source: the resolved (pinned) source.
+        data: digests of the corpora (``eval``, and ``calibration`` when any variant uses it).
+        tool_versions: every distribution version that entered a key.
+    """
+
+    stages: tuple[Stage, ...]
+    source: ResolvedSource
+    data: dict[str, str]
+    tool_versions: dict[str, str] = field(default_factory=dict)
+
+    def by_id(self) -> dict[str, Stage]:
+        return {s.id: s for s in self.stages}
+
+    def variant_stages(self, kind: str) -> list[Stage]:
+        return [s for s in self.stages if s.kind == kind]
+
+
+def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None) -> Plan:
+    """Build the DAG for a validated recipe.
+
+    Args:
+        loaded: the recipe.
+        resolved: a source already resolved (e.g. from the lock file); resolved here otherwise.
+
+    Raises:
+        SourceError, DataError, RecipeError, ToolError: whatever makes the recipe unbuildable.
+    """
+    recipe = loaded.recipe
+    resolved = resolved or sources.resolve(recipe.source)
+    data = _corpus_digests(recipe)
+    model_config = _model_config(recipe, resolved)
+
+    stages: list[Stage] = []
+    fetch = Stage(
+        id="fetch",
+        kind="fetch",
+        params={"source": resolved.identity},
+        tools=resolved.tools,
+        version=VERSIONS["fetch"],
+    )
+    eval_params = {
+        "corpus_sha256": data["eval"],
+        "tokens": recipe.eval.tokens,
+        "seq_len": recipe.eval.seq_len,
+        "top_k": recipe.eval.top_k,
+    }
+    baseline = Stage(
+        id="baseline",
+        kind="baseline",
+        params=eval_params,
+        inputs=("fetch",),
+        tools=EVAL_TOOLS,
+        version=VERSIONS["baseline"],
+        hints=Hints(uses_gpu=True),
+    )
+    stages += [fetch, baseline]
+
+    for variant in recipe.variants:
+        backend = get_backend(variant.backend)
+        if model_config is not None:
+            backend.check_variant(variant, model_config)
+        params: dict[str, Any] = {"backend": variant.backend, "options": variant.backend_params()}
+        if variant.needs_calibration():
+            cal = recipe.calibration
+            params["calibration"] = {
+                "sha256": data["calibration"],
+                "samples": cal.samples,
+                "seq_len": cal.seq_len,
+                "seed": cal.seed,
+            }
+        quantize = Stage(
+            id=f"quantize/{variant.name}",
+            kind="quantize",
+            params=params,
+            inputs=("fetch",),
+            tools=backend.tools,
+            version=VERSIONS["quantize"],
+            hints=Hints(uses_gpu=True),
+        )
+        evaluate = Stage(
+            id=f"evaluate/{variant.name}",
+            kind="evaluate",
+            params={**eval_params, "backend": variant.backend},
+            inputs=(quantize.id, "baseline"),
+            tools=tuple(sorted(set(EVAL_TOOLS) | set(backend.tools))),
+            version=VERSIONS["evaluate"],
+            hints=Hints(uses_gpu=True),
+        )
+        gate = Stage(
+            id=f"gate/{variant.name}",
+            kind="gate",
+            params={"gate": recipe.eval.gate.merged(variant.gate).model_dump()},
+            inputs=(evaluate.id,),
+            version=VERSIONS["gate"],
+            cached=False,
+        )
+        publish = Stage(
+            id=f"publish/{variant.name}",
+            kind="publish",
+            params={"model": recipe.model_name, "variant": variant.name},
+            inputs=(quantize.id, evaluate.id, gate.id, "baseline", "fetch"),
+            version=VERSIONS["publish"],
+            cached=False,
+        )
+        stages += [quantize, evaluate, gate, publish]
+
+    tools = sorted({t for s in stages for t in s.tools})
+    versions = {t: tool_version(t) for t in tools}
+    return Plan(stages=tuple(_with_keys(stages, versions)), source=resolved, data=data, tool_versions=versions)
+
+
+def _with_keys(stages: list[Stage], versions: dict[str, str]) -> list[Stage]:
+    keys: dict[str, str] = {}
+    done = []
+    for stage in stages:
+        missing = [i for i in stage.inputs if i not in keys]
+        if missing:
+            # Stages are emitted in dependency order; anything else is a planner bug or a cycle.
+            raise StageError(f"stage {stage.id} depends on {missing} which come later or do not exist")
+        keyed = replace(stage, key=stage.compute_key(keys, versions))
+        keys[stage.id] = keyed.key
+        done.append(keyed)
+    return done
+
+
+def _corpus_digests(recipe) -> dict[str, str]:
+    text = read_text(recipe.eval.corpus, what="eval.corpus")
+    # Cheap plan-time bound (a token is at least one character); the exact count is checked
+    # when the baseline tokenizes.
+    if len(text) < recipe.eval.tokens:
+        raise DataError(
+            f"eval corpus too short: {len(text)} characters cannot hold {recipe.eval.tokens} tokens",
+            where="eval.corpus",
+            fix="lower eval.tokens or use a longer corpus",
+        )
+    data = {"eval": sha256_file(recipe.eval.corpus)}
+    if any(v.needs_calibration() for v in recipe.variants):
+        read_text(recipe.calibration.path, what="calibration.path")
+        data["calibration"] = sha256_file(recipe.calibration.path)
+        if data["calibration"] == data["eval"]:
+            raise DataError(
+                "calibration and eval corpora have the same content",
+                where="calibration.path",
+                fix="calibrate and evaluate on different text",
+            )
+    return data
+
+
+def _model_config(recipe, resolved: ResolvedSource) -> dict | None:
+    """The model's config.json when it is readable without fetching (local sources)."""
+    if recipe.source.kind == "local":
+        return json.loads((Path(recipe.source.path) / "config.json").read_text(encoding="utf-8"))
+    return None

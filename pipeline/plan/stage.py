@@ -1,0 +1,71 @@
+"""Stages: frozen descriptions of one unit of work, keyed by everything that shapes its output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from pipeline.hashing import digest_json
+
+
+@dataclass(frozen=True)
+class Hints:
+    """What an executor needs to know to place a stage; a stage never imports an executor.
+
+    Attributes:
+        uses_gpu: runs faster on a GPU when one is present (falls back to CPU).
+        needs_gpu: cannot run without one (e.g. an engine build).
+        memory_gb: rough peak host memory, when known.
+    """
+
+    uses_gpu: bool = False
+    needs_gpu: bool = False
+    memory_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the build DAG.
+
+    Attributes:
+        id: unique and readable, e.g. ``quantize/fp8-dynamic``.
+        kind: which runner executes it (``pipeline.stages.RUNNERS``).
+        params: JSON-able parameters that shape the output.
+        inputs: ids of the stages whose outputs it reads.
+        tools: distributions whose installed versions shape the output.
+        version: the runner's code version (bumped when its output would change).
+        cached: whether the output is a cache entry (gate and publish are not: they are cheap, or
+            write outside the cache).
+        hints: placement hints for executors.
+        key: sha256 over all of the above and the inputs' keys; set by the planner.
+    """
+
+    id: str
+    kind: str
+    params: dict[str, Any]
+    inputs: tuple[str, ...] = ()
+    tools: tuple[str, ...] = ()
+    version: int = 1
+    cached: bool = True
+    hints: Hints = field(default_factory=Hints)
+    key: str = ""
+
+    def compute_key(self, input_keys: dict[str, str], tool_versions: dict[str, str]) -> str:
+        return digest_json(
+            {
+                "kind": self.kind,
+                "version": self.version,
+                "params": self.params,
+                "tools": {t: tool_versions[t] for t in sorted(self.tools)},
+                "inputs": {i: input_keys[i] for i in self.inputs},
+            }
+        )
+
+
+def tool_version(distribution: str) -> str:
+    """Installed version of a distribution, from its metadata (nothing is imported)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not-installed"

@@ -1,0 +1,165 @@
+"""Read a recipe file into a ``Recipe``, turning every problem into one ``RecipeError``.
+
+Errors name the file, the field path (``variants.0.scheme``) and the line where YAML puts that
+field, so an editor can jump to it. Duplicate keys are errors too (YAML would silently keep the
+last one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.errors import RecipeError
+from pipeline.hashing import digest_bytes
+from pipeline.recipe.schema import Recipe
+
+
+class LoadedRecipe:
+    """A validated recipe plus where it came from.
+
+    Attributes:
+        recipe: the validated model.
+        path: the recipe file (absolute).
+        digest: sha256 of the file's bytes (recorded in manifests).
+    """
+
+    def __init__(self, recipe: Recipe, path: Path, digest: str):
+        self.recipe = recipe
+        self.path = path
+        self.digest = digest
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.stem + ".lock.json")
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Parse and validate a recipe file.
+
+    Raises:
+        RecipeError: unreadable file, malformed YAML, duplicate keys, schema violations.
+    """
+    path = Path(path).expanduser().resolve()
+    shown = _shown(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError("file not found", file=shown, fix="check the path") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read: {e.strerror}", file=shown) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"not UTF-8 text (byte {e.start})", file=shown) from None
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(
+            f"malformed YAML: {problem}",
+            file=shown,
+            line=mark.line + 1 if mark else None,
+            fix="fix the YAML syntax",
+        ) from None
+    if node is None:
+        raise RecipeError("empty recipe", file=shown, fix="see recipes/ for examples")
+    lines: dict[tuple, int] = {}
+    _index_lines(node, (), lines, shown)
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a mapping at the top level", file=shown, line=1)
+
+    try:
+        recipe = Recipe.model_validate(data, context={"base_dir": path.parent})
+    except ValidationError as e:
+        raise _first_error(e, shown, lines) from None
+    return LoadedRecipe(recipe, path, digest_bytes(raw))
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _index_lines(node: yaml.Node, at: tuple, lines: dict[tuple, int], shown: str) -> None:
+    """Map every field path in the YAML tree to its 1-based line; reject duplicate keys."""
+    lines[at] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                raise RecipeError(
+                    f"duplicate key {key!r}",
+                    file=shown,
+                    field=".".join(map(str, at + (key,))),
+                    line=key_node.start_mark.line + 1,
+                    fix="keep one of them",
+                )
+            seen.add(key)
+            lines[at + (key,)] = key_node.start_mark.line + 1
+            _index_lines(value_node, at + (key,), lines, shown)
+            # A key's own line beats its value's (for a block value they differ).
+            lines[at + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(item, at + (i,), lines, shown)
+
+
+def _first_error(exc: ValidationError, shown: str, lines: dict[tuple, int]) -> RecipeError:
+    """Turn pydantic's error list into one targeted ``RecipeError``.
+
+    Pydantic's location contains union tags (e.g. ``llmcompressor``) that are not in the YAML;
+    they are dropped from the printed path, and the line is that of the deepest YAML node found.
+    """
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(err["loc"])
+    yaml_path: tuple = ()
+    line = lines.get(())
+    last = -1
+    for i, part in enumerate(loc):
+        candidate = yaml_path + (part,)
+        if candidate in lines:
+            yaml_path, line, last = candidate, lines[candidate], i
+    # Keep the parts beyond the YAML (a missing field's name) but not union tags.
+    extra = [p for p in loc[last + 1 :] if not _is_union_tag(p, err)]
+    field = ".".join(map(str, yaml_path + tuple(extra))) or None
+    message = _message(err)
+    if len(exc.errors()) > 1:
+        message += f" (and {len(exc.errors()) - 1} more problem(s))"
+    return RecipeError(message, file=shown, field=field, line=line, fix=_fix(err))
+
+
+def _is_union_tag(part: Any, err: dict) -> bool:
+    return isinstance(part, str) and part in {"hub", "local", "gguf", "llmcompressor"} and err["type"] != "missing"
+
+
+def _message(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return f"unknown {ctx.get('discriminator', 'kind')} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        ctx = err.get("ctx", {})
+        return f"missing {ctx.get('discriminator', 'kind')}"
+    if kind == "literal_error":
+        return f"{msg} (got {err.get('input')!r})"
+    return msg.removeprefix("Value error, ")
+
+
+def _fix(err: dict) -> str | None:
+    if err["type"] == "extra_forbidden":
+        return "remove it or check its spelling; `modelbuild schema` lists every key"
+    if err["type"] == "missing":
+        return "add it"
+    return None

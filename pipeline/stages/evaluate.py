@@ -1,0 +1,49 @@
+"""evaluate: one forward pass of the variant over the baseline's token windows.
+
+The variant is loaded by its backend as its engine computes (weights dequantized exactly as
+stored, activation quantization simulated), and compared position by position with the cached
+baseline side: no baseline forward is repeated.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.backends import get_backend
+from pipeline.quality.metrics import compare, summarise
+from pipeline.quality.runner import window_logprobs
+from pipeline.stages.baseline import REFERENCE
+
+
+def run(ctx, stage, inputs, out: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    name = stage.id.split("/", 1)[1]
+    variant = ctx.variant(name)
+    backend = get_backend(variant.backend)
+    ref = load_file(str(inputs["baseline"].data / REFERENCE))
+    windows = ref["tokens"]
+
+    model = backend.load_for_eval(inputs[f"quantize/{name}"].data, ctx.device)
+    lps, klds, tops = [], [], []
+    started = time.perf_counter()
+    with ctx.reporter.steps(f"evaluate {name}", windows.shape[0]) as advance:
+        for i, (logprobs, targets) in enumerate(window_logprobs(model, windows, ctx.device)):
+            lp, kld, top = compare(logprobs, targets, ref["topk_logprobs"][i], ref["topk_ids"][i])
+            lps.append(lp)
+            klds.append(kld)
+            tops.append(top)
+            advance(1)
+    forward_s = time.perf_counter() - started
+    target_lp, kld = torch.cat(lps), torch.cat(klds)
+    save_file({"target_logprob": target_lp, "kld": kld}, str(out / "per_token.safetensors"))
+    metrics = summarise(target_lp, kld, torch.cat(tops), inputs["baseline"].result["ppl"])
+    return {
+        "metrics": metrics,
+        "baseline_ppl": inputs["baseline"].result["ppl"],
+        "device": ctx.device,
+        "cpu_evaluation": backend.describe(variant).cpu_evaluation,
+        "forward_seconds": round(forward_s, 3),
+    }

@@ -1,0 +1,22 @@
+"""publish: copy a gated variant into storage with its manifest (see pipeline.storage)."""
+
+from __future__ import annotations
+
+from pipeline.storage.manifest import build_manifest
+from pipeline.storage.publish import publish_variant
+
+
+def run(ctx, stage, inputs, out=None) -> dict:
+    name = stage.params["variant"]
+    gate = inputs[f"gate/{name}"].result
+    if not gate["passed"]:
+        return {"status": "not published (gate failed)"}
+    manifest = build_manifest(ctx, stage, inputs)
+    return publish_variant(
+        ctx.storage_root,
+        model=stage.params["model"],
+        variant=name,
+        build_key=stage.key,
+        files_from=inputs[f"quantize/{name}"].data,
+        manifest=manifest,
+    )

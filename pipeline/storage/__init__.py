@@ -1,0 +1,1 @@
+"""Shared storage: immutable published versions with manifests, and their verification."""

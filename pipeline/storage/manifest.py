@@ -1,0 +1,119 @@
+"""The manifest written beside every published variant (``manifest.json``).
+
+It says what the files are (every file's sha256 and size), where they came from (source repo and
+commit or file digest, recipe digest, tool versions, calibration and eval data digests), how good
+they are (metrics against the baseline, and how the CPU computed them), whether they passed their
+gate, and how to serve them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import IntegrityError
+from pipeline.hashing import sha256_file
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def build_manifest(ctx, stage, inputs) -> dict[str, Any]:
+    """Everything but ``files``, ``version`` and ``serve`` (publish fills those in)."""
+    name = stage.params["variant"]
+    recipe = ctx.recipe
+    variant = ctx.variant(name)
+    quant = inputs[f"quantize/{name}"]
+    evaluation = inputs[f"evaluate/{name}"].result
+    baseline = inputs["baseline"].result
+    plan = ctx.plan
+    stages = plan.by_id()
+    used_tools = sorted({t for sid in (f"quantize/{name}", f"evaluate/{name}", "fetch") for t in stages[sid].tools})
+    data: dict[str, Any] = {
+        "eval": {
+            "path": str(recipe.eval.corpus),
+            "sha256": plan.data["eval"],
+            "tokens_scored": baseline["tokens_scored"],
+            "seq_len": recipe.eval.seq_len,
+        },
+        "calibration": None,
+    }
+    if variant.needs_calibration():
+        cal = recipe.calibration
+        data["calibration"] = {
+            "path": str(cal.path), "sha256": plan.data["calibration"], "samples": cal.samples,
+            "seq_len": cal.seq_len, "seed": cal.seed,
+        }
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "model": stage.params["model"],
+        "variant": name,
+        "build_key": stage.key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {**ctx.source.provenance, "checkpoint_digest": inputs["fetch"].entry.digest},
+        "license": recipe.source.license,
+        "recipe": {"name": recipe.name, "path": str(ctx.loaded.path), "sha256": ctx.loaded.digest},
+        "variant_spec": variant.model_dump(mode="json"),
+        "format": quant.result["format"],
+        "size_bytes": quant.result["size_bytes"],
+        "tools": {"modelbuild": __version__, **{t: plan.tool_versions[t] for t in used_tools}},
+        "data": data,
+        "baseline": {"ppl": baseline["ppl"]},
+        "metrics": evaluation["metrics"],
+        "evaluation": {
+            "device": evaluation["device"],
+            "method": evaluation["cpu_evaluation"],
+            "kld": f"KL(baseline || variant) over the baseline's top-{baseline['top_k']} tokens plus the "
+            "remaining mass as one bucket",
+        },
+        "gate": inputs[f"gate/{name}"].result,
+    }
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Parse ``folder/manifest.json``.
+
+    Raises:
+        IntegrityError: missing or unreadable manifest.
+    """
+    path = folder / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IntegrityError(f"no {MANIFEST} in {folder}", fix="give a published version folder") from None
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"unreadable manifest {path}: {e}") from None
+
+
+def verify_folder(folder: Path) -> list[str]:
+    """Re-hash a published folder against its manifest.
+
+    Returns:
+        One line per mismatch (missing, changed size, changed content, unexpected file); empty
+        when everything matches.
+    """
+    folder = Path(folder)
+    if folder.name == MANIFEST:
+        folder = folder.parent
+    manifest = read_manifest(folder)
+    problems = []
+    listed = set()
+    for f in manifest.get("files", []):
+        listed.add(f["path"])
+        path = folder / f["path"]
+        if not path.is_file():
+            problems.append(f"missing: {f['path']}")
+            continue
+        size = path.stat().st_size
+        if size != f["size"]:
+            problems.append(f"size differs: {f['path']} ({size} bytes, manifest says {f['size']})")
+        elif sha256_file(path) != f["sha256"]:
+            problems.append(f"content differs: {f['path']} (sha256 mismatch)")
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel != MANIFEST and rel not in listed:
+            problems.append(f"not in manifest: {rel}")
+    return problems

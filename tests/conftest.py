@@ -1,0 +1,135 @@
+"""Shared fixtures: a tiny random Llama with a real (small) BPE tokenizer, recipes, the CLI."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is present")
+    skip_net = pytest.mark.skip(reason="needs network access to a model hub; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+        if "network" in item.keywords and os.environ.get("MODELBUILD_TEST_NETWORK") != "1":
+            item.add_marker(skip_net)
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    if not (WIKITEXT / "test.txt").is_file():
+        pytest.fail(f"wikitext-2 not found at {WIKITEXT} (the shared data folder beside the repo)")
+    return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, wikitext) -> Path:
+    """A 2-layer, hidden-64 Llama with random weights (bf16 safetensors) and a 512-token BPE
+    tokenizer trained on wikitext valid text: every code path in seconds."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    text = (wikitext / "valid.txt").read_text(encoding="utf-8")[:200_000]
+    tok.train_from_iterator([text], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out)
+
+    config = LlamaConfig(
+        vocab_size=fast.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    return out
+
+
+def write_recipe(folder: Path, model: Path, wikitext: Path, *, extra: str = "", eval_extra: str = "",
+                 variant_extra: str = "", gate: str = "max_kld: 1.0", tokens: int = 1024,
+                 name: str = "tiny", source: str | None = None) -> Path:
+    """A recipe for the tiny model; pieces can be swapped to make bad input."""
+    source = source or f"source:\n  kind: local\n  path: {model}\n"
+    text = (
+        f"name: {name}\n{source}"
+        f"calibration:\n  path: {wikitext / 'valid.txt'}\n"
+        f"eval:\n  corpus: {wikitext / 'test.txt'}\n  tokens: {tokens}\n  seq_len: 128\n  top_k: 64\n"
+        f"  gate:\n    {gate}\n{eval_extra}"
+        f"variants:\n  - name: fp8\n    backend: llmcompressor\n    scheme: FP8_DYNAMIC\n{variant_extra}"
+        f"{extra}"
+    )
+    path = folder / "recipe.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def recipe_factory(tmp_path, tiny_model, wikitext):
+    def make(**kw) -> Path:
+        return write_recipe(tmp_path, tiny_model, wikitext, **kw)
+
+    return make
+
+
+@pytest.fixture
+def dirs(tmp_path) -> dict[str, Path]:
+    return {"cache": tmp_path / "cache", "storage": tmp_path / "store"}
+
+
+@pytest.fixture
+def cli(capsys, dirs):
+    """Run ``modelbuild ARGS`` in-process through the real entry point (error boundary included).
+
+    Returns ``(exit_code, stdout, stderr)``. ``--cache-dir``/``--storage`` default to temp dirs
+    for run and plan.
+    """
+    from pipeline.cli.main import main
+
+    def invoke(*args: str, isolated: bool = True):
+        argv = list(map(str, args))
+        if isolated and argv and argv[0] in ("run", "plan"):
+            if "--cache-dir" not in argv:
+                argv += ["--cache-dir", str(dirs["cache"])]
+            if "--storage" not in argv:
+                argv += ["--storage", str(dirs["storage"])]
+        capsys.readouterr()
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
+
+
+def modelbuild_cmd() -> list[str]:
+    return [sys.executable, "-m", "pipeline"]

@@ -1,0 +1,93 @@
+"""The stage cache and the keys that address it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cache.store import CacheStore
+from pipeline.hashing import digest_json
+from pipeline.plan.stage import Stage
+
+KEY = "ab" + "0" * 62
+
+
+def test_stage_key_is_pinned():
+    """An accidental change to how keys are computed must fail loudly: every cache would be
+    invalidated (or, worse, two different stages would share a key)."""
+    stage = Stage(id="quantize/x", kind="quantize", params={"scheme": "FP8_DYNAMIC", "ignore": ["lm_head"]},
+                  inputs=("fetch",), tools=("torch", "llmcompressor"), version=1)
+    key = stage.compute_key({"fetch": "f" * 64}, {"torch": "2.13.0", "llmcompressor": "0.13.0"})
+    assert key == "c79699483a0d3e2c8b5afd5f2d90004d1d25244bbb4bde6fe4e61ca58099a733"
+    assert key == digest_json({
+        "kind": "quantize", "version": 1, "params": {"ignore": ["lm_head"], "scheme": "FP8_DYNAMIC"},
+        "tools": {"llmcompressor": "0.13.0", "torch": "2.13.0"}, "inputs": {"fetch": "f" * 64},
+    })
+    # Each ingredient changes the key.
+    assert stage.compute_key({"fetch": "e" * 64}, {"torch": "2.13.0", "llmcompressor": "0.13.0"}) != key
+    assert stage.compute_key({"fetch": "f" * 64}, {"torch": "2.14.1", "llmcompressor": "0.13.0"}) != key
+
+
+def test_put_get_roundtrip(tmp_path):
+    store = CacheStore(tmp_path)
+    entry = store.put(KEY, lambda out: (out / "a.txt").write_text("hi") and {"n": 1}, {"stage": "t"})
+    assert entry.result == {"n": 1}
+    assert (entry.data / "a.txt").read_text() == "hi"
+    again = store.get(KEY)
+    assert again is not None and again.digest == entry.digest and len(again.digest) == 64
+    assert not any((tmp_path / "tmp").iterdir())
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    store = CacheStore(tmp_path)
+
+    def boom(out):
+        (out / "half.bin").write_bytes(b"x" * 100)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.put(KEY, boom, {})
+    assert store.get(KEY) is None
+    assert not any((tmp_path / "tmp").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "entry"])
+def test_damaged_entry_is_removed_with_a_warning(tmp_path, damage):
+    warnings = []
+    store = CacheStore(tmp_path, warn=warnings.append)
+    entry = store.put(KEY, lambda out: (out / "w.bin").write_bytes(b"x" * 1000) and {}, {})
+    if damage == "truncate":
+        (entry.data / "w.bin").write_bytes(b"x" * 10)
+    elif damage == "delete":
+        (entry.data / "w.bin").unlink()
+    else:
+        (entry.data.parent / "entry.json").write_text("{not json")
+    assert store.get(KEY) is None
+    assert warnings and "damaged" in warnings[0]
+    assert not entry.data.parent.exists()
+
+
+def test_deep_check_catches_same_size_corruption(tmp_path):
+    store = CacheStore(tmp_path)
+    entry = store.put(KEY, lambda out: (out / "w.bin").write_bytes(b"x" * 1000) and {}, {})
+    (entry.data / "w.bin").write_bytes(b"y" * 1000)
+    assert store.get(KEY) is not None  # the cheap check trusts sizes
+    assert store.get(KEY, deep=True) is None
+
+
+def test_sweep_removes_temp_folders_of_dead_writers(tmp_path):
+    store = CacheStore(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    from pipeline.cache import store as store_module
+
+    stale = tmp_path / "tmp" / f"{KEY}.{store_module._HOST}.{pid}.abcd"
+    live = tmp_path / "tmp" / f"{KEY}.{store_module._HOST}.{os.getppid()}.abcd"
+    other_host = tmp_path / "tmp" / f"{KEY}.elsewhere.{pid}.abcd"
+    for folder in (stale, live, other_host):
+        (folder / "data").mkdir(parents=True)
+    store.sweep()
+    assert not stale.exists() and live.exists() and other_host.exists()

@@ -1,0 +1,235 @@
+"""`modelbuild run` end to end on the tiny model: cache, gates, publish, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+from pipeline.backends.llmcompressor import LLMCompressorBackend
+
+
+def _published(storage: Path) -> list[Path]:
+    return sorted(p.parent for p in storage.rglob("manifest.json"))
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted((cache / "objects").glob("*/*")) if (cache / "objects").exists() else []
+
+
+def test_run_publishes_a_verifiable_gated_variant(cli, recipe_factory, dirs):
+    recipe = recipe_factory()
+    code, out, err = cli("run", recipe)
+    assert code == 0, err
+    assert "fp8" in out and "pass" in out
+    [version] = _published(dirs["storage"])
+    assert version.parent.name == "fp8" and version.parent.parent.name == "tiny"
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["gate"]["passed"] is True
+    assert manifest["format"]["format"] == "compressed-tensors" and manifest["format"]["engines"] == ["vllm"]
+    assert manifest["serve"]["vllm"] == f"vllm serve {version}"
+    assert manifest["source"]["kind"] == "local" and len(manifest["recipe"]["sha256"]) == 64
+    assert set(manifest["metrics"]) >= {"ppl", "ppl_ratio", "mean_kld", "p99_kld", "top1"}
+    assert manifest["data"]["eval"]["sha256"] and manifest["tools"]["llmcompressor"]
+    assert "simulated" in manifest["evaluation"]["method"]
+    assert {f["path"] for f in manifest["files"]} >= {"model.safetensors", "config.json", "recipe.yaml"}
+    code, out, _ = cli("verify", version)
+    assert code == 0 and "ok" in out
+    # No staging folder or cache temp folder stays behind.
+    assert not [p for p in dirs["storage"].rglob(".staging-*")]
+    assert not any((dirs["cache"] / "tmp").iterdir())
+
+
+def test_second_run_is_a_no_op(cli, recipe_factory, dirs, monkeypatch):
+    recipe = recipe_factory()
+    assert cli("run", recipe)[0] == 0
+    calls = []
+    monkeypatch.setattr(LLMCompressorBackend, "quantize", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(LLMCompressorBackend, "load_for_eval", lambda *a, **k: calls.append(a))
+    code, _, err = cli("run", recipe)
+    assert code == 0, err
+    assert calls == []
+    assert "running" not in err and "already published" in err
+    assert len(_published(dirs["storage"])) == 1
+    code, out, _ = cli("plan", recipe)
+    assert code == 0 and "to build" not in out
+
+
+def test_gate_threshold_change_regates_without_requantizing(cli, recipe_factory, dirs, monkeypatch):
+    assert cli("run", recipe_factory())[0] == 0
+    calls = []
+    monkeypatch.setattr(LLMCompressorBackend, "quantize", lambda *a, **k: calls.append(a) or {})
+    code, out, err = cli("run", recipe_factory(gate="max_kld: 0.0"))
+    assert calls == []
+    assert code == 3
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert "gate failed: fp8: mean_kld" in lines[0] and "allowed max 0" in lines[0]
+    assert "FAIL" in out
+
+
+def test_failing_gate_publishes_nothing(cli, recipe_factory, dirs):
+    code, _, err = cli("run", recipe_factory(gate="min_top1: 1.0\n    max_kld: 0.0"))
+    assert code == 3
+    assert "gate failed: fp8: mean_kld" in err
+    assert _published(dirs["storage"]) == []
+
+
+def test_eval_loads_weights_exactly_as_stored(cli, recipe_factory, dirs):
+    import torch
+    from safetensors.torch import load_file
+
+    assert cli("run", recipe_factory())[0] == 0
+    [version] = _published(dirs["storage"])
+    stored = load_file(str(version / "model.safetensors"))
+    assert stored["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    # Unquantized tensors went back to the source dtype.
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    model = LLMCompressorBackend().load_for_eval(version, "cpu")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        expected = stored[f"{name}.weight"].float() * stored[f"{name}.weight_scale"].float()
+        got = model.get_submodule(name).weight
+        assert torch.equal(got, expected)
+    assert model.modelbuild_simulated_layers == 14  # 7 linear layers x 2 blocks get FP8 inputs
+
+
+def test_activation_simulation_changes_outputs(cli, recipe_factory, dirs):
+    """The simulated FP8 activations really run: removing the hooks changes the logits."""
+    import torch
+
+    assert cli("run", recipe_factory())[0] == 0
+    [version] = _published(dirs["storage"])
+    model = LLMCompressorBackend().load_for_eval(version, "cpu")
+    ids = torch.arange(64)[None]
+    with torch.no_grad():
+        with_act = model(ids).logits
+        for m in model.modules():
+            m._forward_pre_hooks.clear()
+        without = model(ids).logits
+    assert not torch.equal(with_act, without)
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing_source", "source folder not found"),
+        ("corpus_missing", "eval.corpus file not found"),
+        ("corpus_short", "corpus too short"),
+    ],
+)
+def test_bad_input_fails_before_work(cli, recipe_factory, dirs, tmp_path, case, expect):
+    if case == "missing_source":
+        recipe = recipe_factory(source=f"source:\n  kind: local\n  path: {tmp_path / 'absent'}\n")
+    elif case == "corpus_missing":
+        recipe = recipe_factory()
+        recipe.write_text(recipe.read_text().replace("test.txt", "absent.txt"))
+    else:
+        short = tmp_path / "short.txt"
+        short.write_text("only a few words here " * 30)
+        recipe = recipe_factory()
+        recipe.write_text(recipe.read_text().replace(str(REPO.parent / "shared/data/wikitext-2/test.txt"), str(short)))
+    code, _, err = cli("run", recipe)
+    assert code == 2, err
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    assert expect in line
+    assert _published(dirs["storage"]) == []
+    assert not (dirs["cache"] / "tmp").exists() or not any((dirs["cache"] / "tmp").iterdir())
+
+
+def test_corpus_shorter_in_tokens_than_characters(cli, recipe_factory, dirs, tmp_path):
+    """Passes the cheap character check at plan time, fails the exact token count at baseline."""
+    short = tmp_path / "short.txt"
+    short.write_text("abcdefghij " * 300)  # 3,300 characters, far fewer tokens than 3,000
+    recipe = recipe_factory(tokens=3000)
+    recipe.write_text(recipe.read_text().replace(str(REPO.parent / "shared/data/wikitext-2/test.txt"), str(short)))
+    code, _, err = cli("run", recipe)
+    assert code == 2 and "corpus too short" in err
+    assert not any((dirs["cache"] / "tmp").iterdir())
+
+
+def test_storage_root_not_writable(cli, recipe_factory, dirs, tmp_path):
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    code, _, err = cli("run", recipe_factory(), "--storage", blocker / "sub")
+    assert code == 2
+    assert "storage root is not writable" in err and err.count("\n") == 1
+    assert _entries(dirs["cache"]) == []  # nothing ran
+
+
+def test_missing_backend_library_is_named(cli, recipe_factory, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llmcompressor" else real(n, *a))
+    code, _, err = cli("run", recipe_factory())
+    assert code == 2 and "modelbuild[llmcompressor]" in err
+
+
+def test_verify_reports_each_mismatch(cli, recipe_factory, dirs):
+    assert cli("run", recipe_factory())[0] == 0
+    [version] = _published(dirs["storage"])
+    with open(version / "config.json", "a") as f:
+        f.write(" ")
+    (version / "tokenizer.json").unlink()
+    (version / "extra.txt").write_text("x")
+    code, _, err = cli("verify", version)
+    assert code == 5
+    assert "size differs: config.json" in err and "missing: tokenizer.json" in err
+    assert "not in manifest: extra.txt" in err
+
+
+def _spawn_run(recipe: Path, dirs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(recipe), "--cache-dir", str(dirs["cache"]),
+         "--storage", str(dirs["storage"])],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for_stage_in_progress(proc: subprocess.Popen, dirs, timeout=120.0) -> None:
+    """Wait until a stage is writing its temp output in the cache."""
+    deadline = time.time() + timeout
+    tmp = dirs["cache"] / "tmp"
+    while time.time() < deadline:
+        if tmp.is_dir() and any(tmp.iterdir()) and any((dirs["cache"] / "objects").glob("*/*")):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before a stage was in progress: {proc.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError("no stage in progress within the timeout")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_killed_mid_stage_resumes(recipe_factory, dirs, sig):
+    # A long eval (many windows) keeps the baseline stage busy long enough to be interrupted.
+    recipe = recipe_factory(tokens=120_000)
+    proc = _spawn_run(recipe, dirs)
+    _wait_for_stage_in_progress(proc, dirs)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    finished_before = {p.name for p in _entries(dirs["cache"])}
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        [line] = [x for x in err.splitlines() if x.startswith("error:")]
+        assert "interrupted during stage" in line and "rerun" in line
+        assert not any((dirs["cache"] / "tmp").iterdir())  # cleaned on the way out
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert _published(dirs["storage"]) == []
+
+    proc = _spawn_run(recipe, dirs)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "[1/6] fetch: cached" in err  # finished stages are reused
+    assert finished_before <= {p.name for p in _entries(dirs["cache"])}
+    assert not any((dirs["cache"] / "tmp").iterdir())  # the killed writer's temp folder is gone
+    assert len(_published(dirs["storage"])) == 1
