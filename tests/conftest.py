@@ -80,7 +80,7 @@ def write_recipe(folder: Path, model: Path, wikitext: Path, *, extra: str = "", 
     text = (
         f"name: {name}\n{source}"
         f"calibration:\n  path: {wikitext / 'valid.txt'}\n"
-        f"eval:\n  corpus: {wikitext / 'test.txt'}\n  tokens: {tokens}\n  seq_len: 128\n  top_k: 64\n"
+        f"eval:\n  corpus: {wikitext / 'test.txt'}\n  tokens: {tokens}\n  seq_len: 128\n"
         f"  gate:\n    {gate}\n{eval_extra}"
         f"variants:\n  - name: fp8\n    backend: llmcompressor\n    scheme: FP8_DYNAMIC\n{variant_extra}"
         f"{extra}"

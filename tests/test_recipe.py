@@ -53,7 +53,7 @@ def test_unknown_backend(recipe_factory):
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert "autogptq" in info.value.render() and "llmcompressor" in info.value.render()
-    assert info.value.field == "variants.0"
+    assert info.value.field == "variants.0.backend"
 
 
 def test_unknown_scheme(recipe_factory):

@@ -117,31 +117,116 @@ def test_activation_simulation_changes_outputs(cli, recipe_factory, dirs):
     assert not torch.equal(with_act, without)
 
 
-@pytest.mark.parametrize(
-    "case, expect",
-    [
-        ("missing_source", "source folder not found"),
-        ("corpus_missing", "eval.corpus file not found"),
-        ("corpus_short", "corpus too short"),
-    ],
-)
-def test_bad_input_fails_before_work(cli, recipe_factory, dirs, tmp_path, case, expect):
-    if case == "missing_source":
-        recipe = recipe_factory(source=f"source:\n  kind: local\n  path: {tmp_path / 'absent'}\n")
+def _bad_recipe(case: str, make, tmp_path: Path, tiny_model: Path) -> Path:
+    """A recipe (and files) exhibiting one bad input."""
+    test_txt = str(REPO.parent / "shared/data/wikitext-2/test.txt")
+
+    def model_copy() -> Path:
+        import shutil
+
+        return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+    def local(path: Path, extra: str = "") -> str:
+        return f"source:\n  kind: local\n  path: {path}\n{extra}"
+
+    if case == "malformed_yaml":
+        path = make()
+        path.write_text(path.read_text().replace("eval:\n", "eval: [\n"))
+    elif case == "unknown_key":
+        path = make(variant_extra="    bits: 8\n")
+    elif case == "unknown_backend":
+        path = make()
+        path.write_text(path.read_text().replace("backend: llmcompressor", "backend: autoawq"))
+    elif case == "gate_out_of_range":
+        path = make(gate="min_top1: 2")
+    elif case == "missing_source":
+        path = make(source=local(tmp_path / "absent"))
+    elif case == "no_weights":
+        model = model_copy()
+        (model / "model.safetensors").unlink()
+        path = make(source=local(model))
+    elif case == "truncated_weights":
+        model = model_copy()
+        data = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(data[:-1000])
+        path = make(source=local(model))
+    elif case == "pickle_only":
+        import torch
+        from safetensors.torch import load_file
+
+        model = model_copy()
+        torch.save(load_file(str(model / "model.safetensors")), model / "pytorch_model.bin")
+        (model / "model.safetensors").unlink()
+        path = make(source=local(model))
     elif case == "corpus_missing":
-        recipe = recipe_factory()
-        recipe.write_text(recipe.read_text().replace("test.txt", "absent.txt"))
-    else:
+        path = make()
+        path.write_text(path.read_text().replace("test.txt", "absent.txt"))
+    elif case == "corpus_short":
         short = tmp_path / "short.txt"
         short.write_text("only a few words here " * 30)
-        recipe = recipe_factory()
-        recipe.write_text(recipe.read_text().replace(str(REPO.parent / "shared/data/wikitext-2/test.txt"), str(short)))
+        path = make()
+        path.write_text(path.read_text().replace(test_txt, str(short)))
+    elif case == "calibration_is_eval":
+        path = make()
+        path.write_text(path.read_text().replace("valid.txt", "test.txt"))
+    elif case == "calibration_same_content":
+        copy = tmp_path / "copy-of-test.txt"
+        copy.write_bytes(Path(test_txt).read_bytes())
+        # FP8_DYNAMIC ignores calibration; a calibrated variant would read it. Until one exists,
+        # the same-content check is exercised through the planner directly (see below).
+        path = make()
+        path.write_text(path.read_text().replace(str(REPO.parent / "shared/data/wikitext-2/valid.txt"), str(copy)))
+    else:
+        raise AssertionError(case)
+    return path
+
+
+BAD_INPUTS = {
+    "malformed_yaml": "malformed YAML",
+    "unknown_key": "variants.0.bits: unknown key",
+    "unknown_backend": "unknown backend 'autoawq'",
+    "gate_out_of_range": "eval.gate.min_top1",
+    "missing_source": "source folder not found",
+    "no_weights": "no weights",
+    "truncated_weights": "truncated safetensors file model.safetensors",
+    "pickle_only": "allow_pickle",
+    "corpus_missing": "eval.corpus file not found",
+    "corpus_short": "corpus too short",
+    "calibration_is_eval": "same file",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_leaves_nothing(cli, recipe_factory, dirs, tmp_path, tiny_model, case):
+    recipe = _bad_recipe(case, recipe_factory, tmp_path, tiny_model)
     code, _, err = cli("run", recipe)
     assert code == 2, err
-    [line] = [x for x in err.splitlines() if x.startswith("error:")]
-    assert expect in line
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert BAD_INPUTS[case] in lines[0]
     assert _published(dirs["storage"]) == []
-    assert not (dirs["cache"] / "tmp").exists() or not any((dirs["cache"] / "tmp").iterdir())
+    assert _entries(dirs["cache"]) == []
+
+
+def test_calibration_with_the_eval_text_under_another_name(recipe_factory, tmp_path, tiny_model, monkeypatch):
+    """Same bytes, different path: caught by digest at plan time for calibrated variants."""
+    from pipeline.errors import DataError
+    from pipeline.plan.build import _corpus_digests
+    from pipeline.recipe import load_recipe
+    from pipeline.recipe.variants import LLMCompressorVariant
+
+    recipe = load_recipe(_bad_recipe("calibration_same_content", recipe_factory, tmp_path, tiny_model)).recipe
+    monkeypatch.setattr(LLMCompressorVariant, "needs_calibration", lambda self: True)
+    with pytest.raises(DataError, match="same content"):
+        _corpus_digests(recipe)
+
+
+def test_pickle_weights_with_opt_in_build(cli, recipe_factory, dirs, tmp_path, tiny_model):
+    recipe = _bad_recipe("pickle_only", recipe_factory, tmp_path, tiny_model)
+    recipe.write_text(recipe.read_text().replace("  path: ", "  allow_pickle: true\n  path: ", 1))
+    code, _, err = cli("run", recipe)
+    assert code == 0, err
+    assert len(_published(dirs["storage"])) == 1
 
 
 def test_corpus_shorter_in_tokens_than_characters(cli, recipe_factory, dirs, tmp_path):
@@ -233,3 +318,59 @@ def test_killed_mid_stage_resumes(recipe_factory, dirs, sig):
     assert finished_before <= {p.name for p in _entries(dirs["cache"])}
     assert not any((dirs["cache"] / "tmp").iterdir())  # the killed writer's temp folder is gone
     assert len(_published(dirs["storage"])) == 1
+
+
+def test_hub_source_offline_writes_lock(recipe_factory, dirs, tiny_model, tmp_path):
+    """The Hub path end to end, offline from a pre-populated cache: the branch is pinned to its
+    commit in <recipe>.lock.json and the commit enters the manifest."""
+    from tests.test_sources import populate_hub_cache
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    populate_hub_cache(tmp_path / "hub", "acme/tiny", tiny_model, commit)
+    recipe = recipe_factory(source="source:\n  kind: hub\n  repo: acme/tiny\n  revision: main\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(recipe), "--cache-dir", str(dirs["cache"]),
+         "--storage", str(dirs["storage"])], cwd=REPO, env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lock = json.loads(recipe.with_name("recipe.lock.json").read_text())
+    assert lock["source"] == {"kind": "hub", "repo": "acme/tiny", "revision": "main", "commit": commit}
+    [version] = _published(dirs["storage"])
+    assert json.loads((version / "manifest.json").read_text())["source"]["commit"] == commit
+
+
+def test_fast_fp8_activation_qdq_matches_compressed_tensors_bit_for_bit():
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, forward_quantize
+
+    from pipeline.backends.llmcompressor import _is_fp8_per_token, fp8_per_token_qdq
+
+    args = QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True)
+    assert _is_fp8_per_token(args)
+    module = torch.nn.Linear(8, 8)
+    module.quantization_status = None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, 576, generator=g) * torch.logspace(-4, 4, 64)[None, :, None]
+    x[0, 3] = 0.0  # an all-zero token takes the eps-scale branch
+    x[0, 5, 7] = 1e6  # one outlier dominates its token's scale
+    x[0, 9] = -x[0, 9].abs()  # negative-only token
+    expected = forward_quantize(module, x, "input", args)
+    assert torch.equal(fp8_per_token_qdq(x), expected)
+
+
+def test_topk_form_is_a_lower_bound_of_the_exact_kld(cli, recipe_factory, dirs):
+    assert cli("run", recipe_factory())[0] == 0
+    [exact] = _published(dirs["storage"])
+    exact_m = json.loads((exact / "manifest.json").read_text())
+    assert exact_m["evaluation"]["kld"].startswith("exact")
+    # Only the baseline and evaluation rebuild: the quantized checkpoint is reused.
+    code, _, err = cli("run", recipe_factory(eval_extra="  top_k: 32\n"))
+    assert code == 0, err
+    assert "quantize/fp8: cached" in err and "baseline: done" in err
+    topk = [p for p in _published(dirs["storage"]) if p != exact]
+    topk_m = json.loads((topk[0] / "manifest.json").read_text())
+    assert topk_m["evaluation"]["kld"].startswith("lower bound")
+    assert topk_m["metrics"]["mean_kld"] <= exact_m["metrics"]["mean_kld"] + 1e-7
+    assert topk_m["metrics"]["ppl"] == pytest.approx(exact_m["metrics"]["ppl"])
+    assert topk_m["metrics"]["top1"] == exact_m["metrics"]["top1"]

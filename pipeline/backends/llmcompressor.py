@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,11 @@ class LLMCompressorBackend(Backend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source_dtype = _config_dtype(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+        # Data-free schemes run no forward pass, so they work in the checkpoint's own dtype (as
+        # llm-compressor's examples do); calibrated ones run forwards and use fp32 on CPUs,
+        # where bf16 matmuls are ~5x slower.
+        work_dtype = source_dtype if not variant.needs_calibration() or device != "cpu" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=work_dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(source)
         modifier = QuantizationModifier(
             targets=list(variant.targets), scheme=variant.scheme, ignore=list(variant.ignore)
@@ -81,8 +86,10 @@ class LLMCompressorBackend(Backend):
                 f"no module matched targets {list(variant.targets)} (ignore {list(variant.ignore)})",
                 fix="check the variant's targets/ignore against the model's module names",
             )
-        # Unquantized tensors (embeddings, norms, ignored layers) go back to the source dtype, so
-        # only quantization changes the checkpoint. Scales keep the dtype the scheme gave them.
+        # Back to the source dtype before the compressed save: unquantized tensors (embeddings,
+        # norms, ignored layers) so only quantization changes the checkpoint, and scales too, as a
+        # bf16 model quantized on a GPU would have them (compression then uses those very scales).
+        # FP4 global scales must stay fp32.
         with torch.no_grad():
             for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
                 if tensor.dtype == torch.float32 and not any(k in name for k in _KEEP_DTYPE):
@@ -99,9 +106,12 @@ class LLMCompressorBackend(Backend):
         from transformers import AutoModelForCausalLM
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
-        ).to(device)
+        with warnings.catch_warnings():
+            # transformers warns that the passed config overrides only run_compressed: intended.
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
+            ).to(device)
         simulated = 0
         shared = _SharedInputQDQ(forward_quantize)
         for module in model.modules():
@@ -138,9 +148,36 @@ class _SharedInputQDQ:
         # Holding the input keeps its storage alive, so identity plus version is a safe test.
         if last is not None and last[0] is x and last[1] == x._version and last[2] == args:
             return last[3]
-        out = self.forward_quantize(module, x, "input", args)
+        if x.ndim == 3 and _is_fp8_per_token(args):
+            out = fp8_per_token_qdq(x)
+        else:
+            out = self.forward_quantize(module, x, "input", args)
         self.last = (x, x._version, args, out)
         return out
+
+
+def _is_fp8_per_token(args) -> bool:
+    return (
+        args.type == "float" and args.num_bits == 8 and args.strategy == "token" and args.symmetric
+        and args.scale_dtype is None and args.group_size is None
+    )
+
+
+def fp8_per_token_qdq(x):
+    """FP8 (E4M3) per-token dynamic quantize-dequantize of a ``[batch, seq, hidden]`` tensor.
+
+    The same arithmetic as compressed-tensors' ``forward_quantize`` for these args (scale =
+    absmax / 448, zero scales replaced by fp32 eps, clamp, cast, multiply back), with fewer
+    temporaries: it is the evaluation's hot loop. A test pins it bit for bit to the library's.
+    """
+    import torch
+
+    fp8 = torch.float8_e4m3fn
+    limit = torch.finfo(fp8).max
+    scale = x.abs().amax(dim=-1, keepdim=True) / limit
+    scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
+    q = (x / scale).clamp_(-limit, limit).to(fp8)
+    return q.to(x.dtype).mul_(scale)
 
 
 def _input_qdq(shared: _SharedInputQDQ, args):

@@ -122,6 +122,9 @@ def _first_error(exc: ValidationError, shown: str, lines: dict[tuple, int]) -> R
     """
     err = exc.errors(include_url=False)[0]
     loc = tuple(err["loc"])
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        # Point at the discriminator key itself (``backend:``/``kind:``), not the whole item.
+        loc += (_discriminator(err),)
     yaml_path: tuple = ()
     line = lines.get(())
     last = -1
@@ -148,18 +151,21 @@ def _message(err: dict) -> str:
         return "unknown key"
     if kind == "union_tag_invalid":
         ctx = err.get("ctx", {})
-        return f"unknown {ctx.get('discriminator', 'kind')} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+        return f"unknown {_discriminator(err)} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
     if kind == "union_tag_not_found":
-        ctx = err.get("ctx", {})
-        return f"missing {ctx.get('discriminator', 'kind')}"
+        return f"missing '{_discriminator(err)}'"
     if kind == "literal_error":
         return f"{msg} (got {err.get('input')!r})"
     return msg.removeprefix("Value error, ")
 
 
+def _discriminator(err: dict) -> str:
+    return str(err.get("ctx", {}).get("discriminator", "kind")).strip("'")
+
+
 def _fix(err: dict) -> str | None:
     if err["type"] == "extra_forbidden":
         return "remove it or check its spelling; `modelbuild schema` lists every key"
-    if err["type"] == "missing":
+    if err["type"] in ("missing", "union_tag_not_found"):
         return "add it"
     return None

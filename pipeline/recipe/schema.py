@@ -118,12 +118,13 @@ class Eval(Strict):
     corpus: Path = Field(description="local UTF-8 text file, never the calibration file")
     tokens: int = Field(4096, ge=16, le=10_000_000, description="tokens scored")
     seq_len: int = Field(512, ge=8, le=131072, description="window length; windows do not overlap")
-    top_k: int = Field(
-        256,
+    top_k: int | None = Field(
+        None,
         ge=1,
         le=1_000_000,
-        description="baseline distribution kept per token for KLD: top-k log-probs plus the tail "
-        "as one bucket (exact when top_k >= vocabulary)",
+        description="unset (default): keep the baseline's full next-token distributions (fp16, "
+        "2 bytes x vocabulary per token) for an exact KLD; an integer k keeps only its top-k "
+        "tokens, a cheaper lower bound of the KLD (loose when distributions are flat)",
     )
     gate: Gate = Gate()
 

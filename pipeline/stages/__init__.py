@@ -10,9 +10,9 @@ import importlib
 
 VERSIONS: dict[str, int] = {
     "fetch": 1,
-    "baseline": 1,
+    "baseline": 2,
     "quantize": 1,
-    "evaluate": 1,
+    "evaluate": 2,
     "gate": 1,
     "publish": 1,
 }

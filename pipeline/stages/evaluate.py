@@ -11,27 +11,28 @@ import time
 from pathlib import Path
 
 from pipeline.backends import get_backend
-from pipeline.quality.metrics import compare, summarise
+from pipeline.quality.metrics import summarise
+from pipeline.quality.reference import Reference
 from pipeline.quality.runner import window_logprobs
-from pipeline.stages.baseline import REFERENCE
 
 
 def run(ctx, stage, inputs, out: Path) -> dict:
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     name = stage.id.split("/", 1)[1]
     variant = ctx.variant(name)
     backend = get_backend(variant.backend)
-    ref = load_file(str(inputs["baseline"].data / REFERENCE))
-    windows = ref["tokens"]
+    baseline = inputs["baseline"]
+    ref = Reference(baseline.data)
+    windows = ref.tokens
 
     model = backend.load_for_eval(inputs[f"quantize/{name}"].data, ctx.device)
     lps, klds, tops = [], [], []
     started = time.perf_counter()
     with ctx.reporter.steps(f"evaluate {name}", windows.shape[0]) as advance:
-        for i, (logprobs, targets) in enumerate(window_logprobs(model, windows, ctx.device)):
-            lp, kld, top = compare(logprobs, targets, ref["topk_logprobs"][i], ref["topk_ids"][i])
+        for i, (logprobs, next_ids) in enumerate(window_logprobs(model, windows, ctx.device)):
+            lp, kld, top = ref.compare(i, logprobs, next_ids)
             lps.append(lp)
             klds.append(kld)
             tops.append(top)
@@ -39,11 +40,12 @@ def run(ctx, stage, inputs, out: Path) -> dict:
     forward_s = time.perf_counter() - started
     target_lp, kld = torch.cat(lps), torch.cat(klds)
     save_file({"target_logprob": target_lp, "kld": kld}, str(out / "per_token.safetensors"))
-    metrics = summarise(target_lp, kld, torch.cat(tops), inputs["baseline"].result["ppl"])
+    metrics = summarise(target_lp, kld, torch.cat(tops), baseline.result["ppl"])
     return {
         "metrics": metrics,
-        "baseline_ppl": inputs["baseline"].result["ppl"],
+        "baseline_ppl": baseline.result["ppl"],
         "device": ctx.device,
         "cpu_evaluation": backend.describe(variant).cpu_evaluation,
+        "kld_method": Reference.describe(baseline.result),
         "forward_seconds": round(forward_s, 3),
     }

@@ -66,8 +66,7 @@ def build_manifest(ctx, stage, inputs) -> dict[str, Any]:
         "evaluation": {
             "device": evaluation["device"],
             "method": evaluation["cpu_evaluation"],
-            "kld": f"KL(baseline || variant) over the baseline's top-{baseline['top_k']} tokens plus the "
-            "remaining mass as one bucket",
+            "kld": evaluation["kld_method"],
         },
         "gate": inputs[f"gate/{name}"].result,
     }
