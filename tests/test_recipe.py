@@ -31,9 +31,9 @@ def _error(tmp_path, text: str) -> RecipeError:
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path, recipe_factory):
-    err = _error(tmp_path, "name: x\nsource: [unclosed\n")
-    assert err.line == 3 or err.line == 2
-    assert "malformed YAML" in err.render() and "r.yaml" in err.render()
+    err = _error(tmp_path, "name: x\nsource: {kind: local\neval: 3\n")
+    assert err.line == 3
+    assert "malformed YAML" in err.render() and "r.yaml:3" in err.render()
 
 
 def test_unknown_key_names_path_and_line(recipe_factory):
@@ -76,7 +76,6 @@ def test_gate_threshold_out_of_range(recipe_factory, gate, field):
 
 
 def test_calibration_and_eval_same_file(tmp_path, tiny_model, wikitext):
-    path = tmp_path / "r.yaml"
     from tests.conftest import write_recipe
 
     path = write_recipe(tmp_path, tiny_model, wikitext)

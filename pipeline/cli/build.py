@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -83,7 +84,8 @@ def run(
             "pass" if gate["passed"] else "FAIL",
         )
         published.append(f"{variant.name}: {pub['status']}" + (f" {pub['path']}" if "path" in pub else ""))
-    console = Console(width=None if Console().is_terminal else 120)
+    # Wide enough for the table when piped (rich assumes 80 columns off a terminal).
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     console.print(table)
     for line in published:
         typer.echo(line)

@@ -71,12 +71,9 @@ def execute(plan, ctx: RunContext, store: CacheStore) -> Report:
             result = _guarded(stage, lambda: runner(stage.kind).run(ctx, stage, inputs))
             outcome = Outcome(stage, "ran", result, time.perf_counter() - started)
         report.outcomes[stage.id] = outcome
-        ctx.reporter.stage(index, total, stage.id, _describe(outcome), outcome.seconds if status_is_work(outcome) else None)
+        seconds = outcome.seconds if outcome.status == "built" else None
+        ctx.reporter.stage(index, total, stage.id, _describe(outcome), seconds)
     return report
-
-
-def status_is_work(outcome: Outcome) -> bool:
-    return outcome.status == "built"
 
 
 def _describe(outcome: Outcome) -> str:

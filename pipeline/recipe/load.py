@@ -78,7 +78,7 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data, context={"base_dir": path.parent})
     except ValidationError as e:
-        raise _first_error(e, shown, lines) from None
+        raise _first_error(e, shown, lines, data) from None
     return LoadedRecipe(recipe, path, digest_bytes(raw))
 
 
@@ -114,11 +114,12 @@ def _index_lines(node: yaml.Node, at: tuple, lines: dict[tuple, int], shown: str
             _index_lines(item, at + (i,), lines, shown)
 
 
-def _first_error(exc: ValidationError, shown: str, lines: dict[tuple, int]) -> RecipeError:
+def _first_error(exc: ValidationError, shown: str, lines: dict[tuple, int], data: dict) -> RecipeError:
     """Turn pydantic's error list into one targeted ``RecipeError``.
 
-    Pydantic's location contains union tags (e.g. ``llmcompressor``) that are not in the YAML;
-    they are dropped from the printed path, and the line is that of the deepest YAML node found.
+    Pydantic's location contains union tags (the value of ``backend:``/``kind:``, e.g.
+    ``llmcompressor``) that are not in the YAML; they are dropped from the printed path, and the
+    line is that of the deepest YAML node found.
     """
     err = exc.errors(include_url=False)[0]
     loc = tuple(err["loc"])
@@ -133,7 +134,8 @@ def _first_error(exc: ValidationError, shown: str, lines: dict[tuple, int]) -> R
         if candidate in lines:
             yaml_path, line, last = candidate, lines[candidate], i
     # Keep the parts beyond the YAML (a missing field's name) but not union tags.
-    extra = [p for p in loc[last + 1 :] if not _is_union_tag(p, err)]
+    tags = _tag_values(data, yaml_path)
+    extra = [p for p in loc[last + 1 :] if p not in tags]
     field = ".".join(map(str, yaml_path + tuple(extra))) or None
     message = _message(err)
     if len(exc.errors()) > 1:
@@ -141,8 +143,17 @@ def _first_error(exc: ValidationError, shown: str, lines: dict[tuple, int]) -> R
     return RecipeError(message, file=shown, field=field, line=line, fix=_fix(err))
 
 
-def _is_union_tag(part: Any, err: dict) -> bool:
-    return isinstance(part, str) and part in {"hub", "local", "gguf", "llmcompressor"} and err["type"] != "missing"
+def _tag_values(data: Any, path: tuple) -> set:
+    """Discriminator values (``backend``/``kind``) of the mapping at ``path`` in the raw data."""
+    node = data
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return set()
+    if not isinstance(node, dict):
+        return set()
+    return {node[k] for k in ("backend", "kind") if isinstance(node.get(k), str)}
 
 
 def _message(err: dict) -> str:
