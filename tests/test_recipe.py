@@ -137,3 +137,10 @@ def test_schema_and_cli_import_no_torch():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_cli_usage_errors_exit_2(cli):
+    assert cli("run")[0] == 2
+    assert cli("run", "x.yaml", "--bogus")[0] == 2
+    code, _, err = cli("run", "does-not-exist.yaml")
+    assert code == 2 and err.strip() == "error: does-not-exist.yaml: file not found (check the path)"

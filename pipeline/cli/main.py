@@ -23,32 +23,18 @@ inspect.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Typer handles usage errors (exit 2 with its own message) and ``typer.Exit``; everything
+    modelbuild raises on purpose is caught here and printed as one line.
+    """
     try:
-        # Outside standalone mode click returns typer.Exit's code instead of raising it.
-        code = app(args=argv, standalone_mode=False)
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        app(args=argv, standalone_mode=True)
     except ModelbuildError as e:
         if os.environ.get("MODELBUILD_DEBUG") == "1":
             raise
         print(f"error: {e.render()}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        print("error: aborted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

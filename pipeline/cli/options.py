@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe file (YAML).", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe file (YAML).", show_default=False, metavar="RECIPE")]
 CacheDirOpt = Annotated[
     Path | None,
     typer.Option("--cache-dir", envvar="MODELBUILD_CACHE", help="Stage cache folder [default: ~/.cache/modelbuild]."),
