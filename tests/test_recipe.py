@@ -37,13 +37,13 @@ def test_malformed_yaml_names_file_and_line(tmp_path, recipe_factory):
 
 
 def test_unknown_key_names_path_and_line(recipe_factory):
-    path = recipe_factory(variant_extra="    group_size: 64\n")
+    path = recipe_factory(variant_extra="    bits: 4\n")
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     err = info.value
-    assert err.field == "variants.0.group_size"
+    assert err.field == "variants.0.bits"
     lines = path.read_text().splitlines()
-    assert lines[err.line - 1].strip().startswith("group_size")
+    assert lines[err.line - 1].strip().startswith("bits")
     assert "unknown key" in err.render()
 
 

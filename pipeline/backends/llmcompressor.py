@@ -1,14 +1,22 @@
 """vLLM's formats through llm-compressor, saved as compressed-tensors.
 
-Quantization loads the model in fp32 (bf16 matmuls are ~5x slower on CPUs without bf16 units),
-runs ``oneshot`` with a preset scheme, casts what stays unquantized back to the source dtype and
-saves compressed; llm-compressor writes its own ``recipe.yaml`` beside the weights.
+Quantization builds llm-compressor's own recipe from the variant (a preset scheme, optionally
+with a group size; round-to-nearest ``QuantizationModifier``, ``GPTQModifier``, or ``AWQModifier``
+before quantization; ``SmoothQuantModifier`` first for W8A8), runs ``oneshot`` on the calibration
+samples (calibrated schemes run llm-compressor's layer-by-layer sequential pipeline), casts what
+stays unquantized back to the source dtype and saves compressed; llm-compressor writes its own
+``recipe.yaml`` beside the weights. Calibrated work runs in fp32 on CPUs (bf16 matmuls are ~5x
+slower there); data-free work stays in the checkpoint's dtype.
 
 Evaluation loads the checkpoint through transformers' compressed-tensors integration with
-``run_compressed=False``: every weight is dequantized once, exactly as stored (q * scale). The
-per-forward weight fake-quantization is then switched off (it would only redo that work), and the
-activation quantization the engine performs (e.g. FP8 per-token dynamic) is simulated with
-compressed-tensors' own ``forward_quantize`` on each quantized layer's input.
+``run_compressed=False``: every weight is dequantized once. compressed-tensors decompresses FP4
+weights into the checkpoint's dtype (bf16), which rounds ``q * scale / global_scale``; the stored
+quantized values are recovered exactly from that (the rounding is far below half a quantization
+step) by one quantize-dequantize with the stored scales in fp32, so every weight is exactly
+``dequantize(q)``. The per-forward weight fake-quantization is then switched off (it would only
+redo that work), and the activation quantization the engine performs (FP8/INT8 per token, static
+FP8, NVFP4/MXFP4 groups) is simulated with compressed-tensors' own ``forward_quantize`` on each
+quantized layer's input.
 """
 
 from __future__ import annotations
@@ -23,14 +31,25 @@ from typing import Any
 from pipeline.backends.base import Backend, FormatInfo
 from pipeline.errors import StageError
 
+_W16 = "weights: stored {w} dequantized exactly; activations: not quantized (16-bit in the engine, fp32 here)"
 _SCHEMES: dict[str, dict[str, Any]] = {
-    "FP8_DYNAMIC": {
-        "weight_bits": 8,
-        # vLLM runs FP8 W8A8 GEMMs on Ada/Hopper and newer (compute capability 8.9+).
-        "min_cc": 8.9,
-        "cpu_evaluation": "weights: stored FP8 (E4M3, per-channel scales) dequantized exactly; input "
-        "activations: FP8 per-token dynamic quantization simulated in fp32 (the engine runs FP8 GEMMs)",
-    },
+    # min_cc: lowest compute capability on which vLLM runs the format's own kernels
+    # (llm-compressor's scheme guide: INT W4A16/W8A16/W8A8 7.5, FP8 8.9, FP4 10.0).
+    "FP8_DYNAMIC": {"bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-channel scales) "
+                    "dequantized exactly; input activations: FP8 per-token dynamic quantization simulated in fp32"},
+    "FP8": {"bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-tensor scale) dequantized exactly; "
+            "input activations: FP8 with the calibrated static per-tensor scales, simulated in fp32"},
+    "W8A8": {"bits": 8, "min_cc": 7.5, "eval": "weights: stored INT8 (per-channel scales) dequantized exactly; "
+             "input activations: INT8 per-token dynamic quantization simulated in fp32"},
+    "W8A16": {"bits": 8, "min_cc": 7.5, "eval": _W16.format(w="INT8 (per-group scales)")},
+    "W4A16": {"bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales)")},
+    "W4A16_ASYM": {"bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales and zero points)")},
+    "NVFP4A16": {"bits": 4, "min_cc": 10.0, "eval": _W16.format(w="FP4 (E2M1, FP8 scales per 16, fp32 global scale)")},
+    "NVFP4": {"bits": 4, "min_cc": 10.0, "eval": "weights: stored NVFP4 dequantized exactly; input activations: "
+              "NVFP4 (FP8 scales per 16 computed per token group, calibrated global scale) simulated in fp32"},
+    "MXFP4A16": {"bits": 4, "min_cc": 10.0, "eval": _W16.format(w="MXFP4 (E2M1, E8M0 scales per 32)")},
+    "MXFP4": {"bits": 4, "min_cc": 10.0, "eval": "weights: stored MXFP4 dequantized exactly; input activations: "
+              "MXFP4 (E8M0 scales per 32, dynamic) simulated in fp32"},
 }
 
 # Parameters that must keep their own dtype when the rest is cast back to the source dtype.
@@ -52,34 +71,81 @@ class LLMCompressorBackend(Backend):
         return FormatInfo(
             format="compressed-tensors",
             scheme=variant.scheme,
-            weight_bits=info["weight_bits"],
+            weight_bits=info["bits"],
             engines=("vllm",),
             min_compute_capability=info["min_cc"],
             serve={"vllm": "vllm serve {path}"},
-            cpu_evaluation=info["cpu_evaluation"],
+            cpu_evaluation=info["eval"],
         )
+
+    def check_variant(self, variant: Any, model_config: Any) -> None:
+        """The installed compressed-tensors has the scheme; its grouping fits every targeted layer.
+
+        Raises:
+            RecipeError: naming the scheme or the first layer whose input width the group size
+                does not divide, with a group size that would fit.
+        """
+        from pipeline.errors import RecipeError
+
+        where = f"variant {variant.name}"
+        try:
+            from compressed_tensors.quantization import preset_name_to_scheme
+            from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+        except ImportError:
+            return  # check_environment reports the missing library
+        if variant.scheme not in PRESET_SCHEMES:
+            raise RecipeError(
+                f"scheme {variant.scheme} is not supported by the installed compressed-tensors "
+                f"{_version('compressed-tensors')} (llm-compressor {_version('llmcompressor')})",
+                field=f"{where}: scheme",
+                fix=f"choose one of {', '.join(sorted(set(_SCHEMES) & set(PRESET_SCHEMES)))}",
+            )
+        weights = preset_name_to_scheme(variant.scheme, list(variant.targets)).weights
+        group = variant.group_size or (weights.group_size if weights is not None else None)
+        if not group or model_config is None:
+            return
+        widths = _linear_input_widths(model_config, variant.ignore)
+        bad = [(name, width) for name, width in widths if width % group]
+        if bad:
+            fits = [g for g in (128, 64, 32, 16) if all(w % g == 0 for _n, w in widths)]
+            name, width = bad[0]
+            raise RecipeError(
+                f"group size {group} does not divide {name}'s {width} input features "
+                f"({len(bad)} layer(s) affected)",
+                field=f"{where}: group_size",
+                fix=f"use group_size: {fits[0]}" if fits and variant.scheme in ("W4A16", "W4A16_ASYM", "W8A16")
+                else "ignore those layers or choose another scheme",
+            )
 
     def quantize(self, variant: Any, source: Path, out: Path, *, calibration: Any, device: str) -> dict[str, Any]:
         import torch
         from llmcompressor import oneshot
-        from llmcompressor.modifiers.quantization import QuantizationModifier
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source_dtype = _config_dtype(source)
         # Data-free schemes run no forward pass, so they work in the checkpoint's own dtype (as
         # llm-compressor's examples do); calibrated ones run forwards and use fp32 on CPUs,
         # where bf16 matmuls are ~5x slower.
-        work_dtype = source_dtype if not variant.needs_calibration() or device != "cpu" else torch.float32
+        work_dtype = source_dtype if calibration is None or device != "cpu" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(source, dtype=work_dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        modifier = QuantizationModifier(
-            targets=list(variant.targets), scheme=variant.scheme, ignore=list(variant.ignore)
-        )
+        kwargs: dict[str, Any] = {}
+        if calibration is not None:
+            from datasets import Dataset
+
+            kwargs = {
+                "dataset": Dataset.from_dict(
+                    {"input_ids": calibration, "attention_mask": [[1] * len(ids) for ids in calibration]}
+                ),
+                "num_calibration_samples": len(calibration),
+                "max_seq_length": max(len(ids) for ids in calibration),
+                "shuffle_calibration_samples": False,  # the samples are already seeded picks
+            }
         try:
-            with _quiet_library_logs():
-                oneshot(model=model, recipe=modifier)
-        except (ValueError, RuntimeError) as e:
-            raise StageError(f"llm-compressor failed on scheme {variant.scheme}: {e}") from e
+            with _quiet_library_logs(), _threads_for(variant, device), _no_pinning_without_accelerator():
+                oneshot(model=model, recipe=_modifiers(variant), **kwargs)
+        except (ValueError, RuntimeError, AssertionError) as e:
+            raise StageError(f"llm-compressor failed on {variant.scheme}/{variant.algorithm}: {e}") from e
         quantized = sum(1 for m in model.modules() if getattr(m, "quantization_scheme", None) is not None)
         if quantized == 0:
             raise StageError(
@@ -98,11 +164,15 @@ class LLMCompressorBackend(Backend):
         tokenizer.save_pretrained(out)
         if not (out / "recipe.yaml").is_file():
             raise StageError("llm-compressor did not write recipe.yaml beside the checkpoint")
-        return {"quantized_modules": quantized, "source_dtype": str(source_dtype).removeprefix("torch.")}
+        return {
+            "quantized_modules": quantized,
+            "source_dtype": str(source_dtype).removeprefix("torch."),
+            "calibration_samples": 0 if calibration is None else len(calibration),
+        }
 
     def load_for_eval(self, path: Path, device: str) -> Any:
         import torch
-        from compressed_tensors.quantization import forward_quantize
+        from compressed_tensors.quantization import fake_quantize, forward_quantize
         from transformers import AutoModelForCausalLM
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
@@ -118,7 +188,15 @@ class LLMCompressorBackend(Backend):
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is None:
                 continue
-            # Weights are already dequantized; skip compressed-tensors' per-forward weight QDQ.
+            if scheme.weights is not None and module.weight.dtype != torch.float32:
+                # Decompressed into bf16 (FP4): recover the stored values exactly in fp32.
+                with torch.no_grad():
+                    module.weight.data = fake_quantize(
+                        module.weight.data.float(), module.weight_scale, getattr(module, "weight_zero_point", None),
+                        scheme.weights, g_idx=getattr(module, "weight_g_idx", None),
+                        global_scale=getattr(module, "weight_global_scale", None),
+                    )
+            # Weights are now dequantized; skip compressed-tensors' per-forward weight QDQ.
             module.quantization_enabled = False
             if scheme.input_activations is not None:
                 module.register_forward_pre_hook(_input_qdq(shared, scheme.input_activations))
@@ -178,6 +256,105 @@ def fp8_per_token_qdq(x):
     scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
     q = (x / scale).clamp_(-limit, limit).to(fp8)
     return q.to(x.dtype).mul_(scale)
+
+
+def _modifiers(variant) -> list:
+    """llm-compressor's recipe for a variant, as a list of modifiers."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    scheme = preset_name_to_scheme(variant.scheme, list(variant.targets))
+    if variant.group_size is not None:
+        scheme = scheme.model_copy(update={"weights": scheme.weights.model_copy(update={"group_size": variant.group_size})})
+    common = {"config_groups": {"group_0": scheme}, "ignore": list(variant.ignore)}
+    mods: list = []
+    if variant.smoothquant is not None:
+        from llmcompressor.modifiers.transform import SmoothQuantModifier
+
+        mods.append(SmoothQuantModifier(smoothing_strength=variant.smoothquant.smoothing_strength))
+    if variant.algorithm == "gptq":
+        opts = variant.gptq or _default("GPTQOptions")
+        mods.append(GPTQModifier(**common, dampening_frac=opts.dampening_frac, actorder=opts.actorder,
+                                 block_size=opts.block_size))
+    elif variant.algorithm == "awq":
+        from llmcompressor.modifiers.transform import AWQModifier
+
+        opts = variant.awq or _default("AWQOptions")
+        mods.append(AWQModifier(n_grid=opts.n_grid, duo_scaling=opts.duo_scaling))
+        mods.append(QuantizationModifier(**common))
+    else:
+        mods.append(QuantizationModifier(**common))
+    return mods
+
+
+@contextlib.contextmanager
+def _no_pinning_without_accelerator():
+    """llm-compressor 0.13's AWQ pins its activation cache unconditionally before each grid
+    search, and ``Tensor.pin_memory()`` raises on machines without an accelerator. Pinning only
+    speeds host-to-device copies, so with no accelerator it is skipped (nothing else changes)."""
+    import torch
+
+    if torch.accelerator.is_available():
+        yield
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+def _default(name: str):
+    from pipeline.recipe import variants
+
+    return getattr(variants, name)()
+
+
+@contextlib.contextmanager
+def _threads_for(variant, device: str):
+    """GPTQ's inner loop is many tiny ops: on CPUs one thread beats two (see the README)."""
+    import torch
+
+    if variant.algorithm != "gptq" or device != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _linear_input_widths(config, ignore) -> list[tuple[str, int]]:
+    """(name, in_features) of every Linear a variant targets, from a weightless (meta) model."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+
+    def ignored(name: str) -> bool:
+        for pattern in ignore:
+            if pattern.startswith("re:"):
+                if re.match(pattern[3:], name):
+                    return True
+            elif name == pattern or name.endswith("." + pattern):
+                return True
+        return False
+
+    return [(n, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not ignored(n)]
+
+
+def _version(dist: str) -> str:
+    from pipeline.plan.stage import tool_version
+
+    return tool_version(dist)
 
 
 def _input_qdq(shared: _SharedInputQDQ, args):

@@ -21,9 +21,11 @@ from typing import Any
 
 from pipeline import sources
 from pipeline.backends import get_backend
-from pipeline.errors import DataError, StageError
+from pipeline.compat import compute_capability
+from pipeline.errors import DataError, ModelbuildError, RecipeError, SourceError, StageError
 from pipeline.hashing import sha256_file
 from pipeline.plan.stage import Hints, Stage, tool_version
+from pipeline.quality.calibration import calibration_digest
 from pipeline.quality.corpus import read_text
 from pipeline.recipe.load import LoadedRecipe
 from pipeline.sources import ResolvedSource
@@ -69,6 +71,7 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None) -> 
     resolved = resolved or sources.resolve(recipe.source)
     data = _corpus_digests(recipe)
     model_config = _model_config(recipe, resolved)
+    _check_targets(recipe, loaded)
 
     stages: list[Stage] = []
     fetch = Stage(
@@ -97,17 +100,10 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None) -> 
 
     for variant in recipe.variants:
         backend = get_backend(variant.backend)
-        if model_config is not None:
-            backend.check_variant(variant, model_config)
+        backend.check_variant(variant, model_config)
         params: dict[str, Any] = {"backend": variant.backend, "options": variant.backend_params()}
         if variant.needs_calibration():
-            cal = recipe.calibration
-            params["calibration"] = {
-                "sha256": data["calibration"],
-                "samples": cal.samples,
-                "seq_len": cal.seq_len,
-                "seed": cal.seed,
-            }
+            params["calibration"] = {"sha256": data["calibration"], **calibration_settings(recipe, variant)}
         quantize = Stage(
             id=f"quantize/{variant.name}",
             kind="quantize",
@@ -163,6 +159,14 @@ def _with_keys(stages: list[Stage], versions: dict[str, str]) -> list[Stage]:
     return done
 
 
+def calibration_settings(recipe, variant) -> dict[str, Any]:
+    """The recipe's calibration sampling with the variant's overrides applied."""
+    cal = recipe.calibration
+    over = variant.calibration
+    pick = lambda field: getattr(over, field) if over is not None and getattr(over, field) is not None else getattr(cal, field)  # noqa: E731
+    return {"samples": pick("samples"), "seq_len": pick("seq_len"), "seed": pick("seed"), "chat_template": cal.chat_template}
+
+
 def _corpus_digests(recipe) -> dict[str, str]:
     text = read_text(recipe.eval.corpus, what="eval.corpus")
     # Cheap plan-time bound (a token is at least one character); the exact count is checked
@@ -175,8 +179,7 @@ def _corpus_digests(recipe) -> dict[str, str]:
         )
     data = {"eval": sha256_file(recipe.eval.corpus)}
     if any(v.needs_calibration() for v in recipe.variants):
-        read_text(recipe.calibration.path, what="calibration.path")
-        data["calibration"] = sha256_file(recipe.calibration.path)
+        data["calibration"], _ = calibration_digest(recipe.calibration)
         if data["calibration"] == data["eval"]:
             raise DataError(
                 "calibration and eval corpora have the same content",
@@ -186,8 +189,41 @@ def _corpus_digests(recipe) -> dict[str, str]:
     return data
 
 
-def _model_config(recipe, resolved: ResolvedSource) -> dict | None:
-    """The model's config.json when it is readable without fetching (local sources)."""
-    if recipe.source.kind == "local":
-        return json.loads((Path(recipe.source.path) / "config.json").read_text(encoding="utf-8"))
-    return None
+def _check_targets(recipe, loaded) -> None:
+    """Every variant must run on at least one declared target GPU."""
+    if not recipe.targets:
+        return
+    gpus = {t.gpu: compute_capability(t.gpu) for t in recipe.targets}
+    for i, variant in enumerate(recipe.variants):
+        need = get_backend(variant.backend).describe(variant).min_compute_capability
+        if need is not None and not any(cc >= need for cc in gpus.values()):
+            raise RecipeError(
+                f"{variant.scheme if hasattr(variant, 'scheme') else variant.name} needs compute capability "
+                f"{need:g}+, but the targets are {', '.join(f'{g} ({cc:g})' for g, cc in gpus.items())}",
+                file=str(loaded.path), field=f"variants.{i}",
+                fix="drop the variant or add a target GPU that can run it",
+            )
+
+
+def _model_config(recipe, resolved: ResolvedSource):
+    """The model's transformers config, read without loading weights (for plan-time checks)."""
+    from transformers import AutoConfig
+
+    source = recipe.source
+    trust = source.trust_remote_code
+    try:
+        if source.kind == "local":
+            return AutoConfig.from_pretrained(source.path, trust_remote_code=trust)
+        if source.kind == "gguf":
+            from pipeline.sources.gguf import locate
+
+            path = locate(source)
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        from pipeline.sources.hub import config_path
+
+        return AutoConfig.from_pretrained(config_path(source, resolved), trust_remote_code=trust)
+    except ModelbuildError:
+        raise
+    except Exception as e:  # transformers and huggingface_hub raise many types here
+        raise SourceError(f"cannot read the model's config: {type(e).__name__}: {e}", where="source",
+                          fix="check the source; plan-time checks need its config") from None

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.compat import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
 from pipeline.recipe.gate import Gate
 from pipeline.recipe.variants import Variant
 
@@ -101,15 +102,51 @@ Source = Annotated[Union[HubSource, LocalSource, GGUFSource], Field(discriminato
 # --- data ------------------------------------------------------------------------------------
 
 
+class HubDataset(Strict):
+    """Calibration text from a Hugging Face dataset (``datasets.load_dataset``).
+
+    ``path`` is a Hub dataset id, or a builder such as ``text``/``json`` with ``data_files``.
+    Offline (``HF_DATASETS_OFFLINE=1``) it is served from the local datasets cache.
+    """
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    column: str = Field("text", description="the column holding the text")
+    data_files: str | None = None
+    revision: str | None = None
+
+
 class Calibration(Strict):
     """Calibration text for schemes that observe activations (data-free schemes ignore it)."""
 
-    path: Path = Field(description="local UTF-8 text file")
+    path: Path | None = Field(None, description="local UTF-8 text file")
+    dataset: HubDataset | None = None
     samples: int = Field(32, ge=1, le=65536)
     seq_len: int = Field(256, ge=8, le=131072)
     seed: int = 0
+    chat_template: bool = Field(False, description="wrap each sample as a user turn of the model's chat template")
 
     _resolve_path = field_validator("path")(_resolve)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Calibration":
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give either 'path' (a text file) or 'dataset' (a Hugging Face dataset)")
+        return self
+
+
+class GPUTarget(Strict):
+    """A GPU the published variants must run on (checked at plan time)."""
+
+    gpu: str = Field(description="e.g. H100, A100, L40S, B200, T4")
+
+    @field_validator("gpu")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if compute_capability(value) is None:
+            raise ValueError(f"unknown GPU {value!r}; known: {', '.join(GPU_COMPUTE_CAPABILITY)}")
+        return normalise_gpu(value)
 
 
 class Eval(Strict):
@@ -149,6 +186,7 @@ class Recipe(Strict):
     calibration: Calibration | None = None
     eval: Eval
     variants: list[Variant] = Field(min_length=1)
+    targets: list[GPUTarget] = Field(default_factory=list, description="GPUs the variants must run on")
     publish: Publish = Publish()
 
     @model_validator(mode="after")
@@ -157,7 +195,7 @@ class Recipe(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
-        if self.calibration is not None and self.calibration.path == self.eval.corpus:
+        if self.calibration is not None and self.calibration.path is not None and self.calibration.path == self.eval.corpus:
             raise ValueError(
                 "calibration.path and eval.corpus are the same file; calibrate and evaluate on "
                 "different text (e.g. wikitext-2 valid.txt and test.txt)"

@@ -11,17 +11,28 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.recipe.gate import Gate
 
 
-class _VariantBase(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class CalibrationOverride(_Strict):
+    """Per-variant changes to the recipe's calibration sampling."""
+
+    samples: int | None = Field(None, ge=1, le=65536)
+    seq_len: int | None = Field(None, ge=8, le=131072)
+    seed: int | None = None
+
+
+class _VariantBase(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     # Per-variant gate overrides the recipe's eval.gate field by field.
     gate: Gate | None = None
+    calibration: CalibrationOverride | None = None
 
     def needs_calibration(self) -> bool:
         """Whether the quantize stage consumes calibration data (and so depends on its digest)."""
@@ -29,13 +40,59 @@ class _VariantBase(BaseModel):
 
     def backend_params(self) -> dict:
         """The parameters that shape the quantized bytes (the stage key's parameters)."""
-        return self.model_dump(mode="json", exclude={"name", "gate"})
+        return self.model_dump(mode="json", exclude={"name", "gate", "calibration"})
 
 
-# Schemes the pinned llm-compressor runs without calibration data (weights only, or dynamic
-# activation scales computed at inference time).
-LLMCOMPRESSOR_DATA_FREE = ("FP8_DYNAMIC",)
-LLMCOMPRESSOR_SCHEMES = LLMCOMPRESSOR_DATA_FREE
+# llm-compressor / compressed-tensors preset names modelbuild builds, evaluates and records.
+# (Whether the installed compressed-tensors has a preset is checked at plan time.)
+LLMCOMPRESSOR_SCHEMES = (
+    "FP8_DYNAMIC",  # FP8 weights per channel, FP8 activations per token (dynamic)
+    "FP8",  # FP8 weights per tensor, FP8 activations per tensor (static, calibrated)
+    "W8A8",  # INT8 weights per channel, INT8 activations per token (dynamic)
+    "W8A16",  # INT8 weights per group, 16-bit activations
+    "W4A16",  # INT4 weights per group (symmetric), 16-bit activations
+    "W4A16_ASYM",  # INT4 weights per group with zero points
+    "NVFP4A16",  # FP4 (E2M1) weights, FP8 scales per 16, fp32 global scale
+    "NVFP4",  # NVFP4 weights and activations (calibrated global input scales)
+    "MXFP4A16",  # FP4 weights, E8M0 scales per 32
+    "MXFP4",  # MXFP4 weights and activations
+)
+# Schemes whose activation quantization needs observed ranges (static or global scales).
+CALIBRATED_ACTIVATIONS = ("FP8", "NVFP4")
+# Schemes whose weight group size a recipe may set (the FP4 formats fix theirs: 16 or 32).
+GROUP_SIZE_SCHEMES = ("W8A16", "W4A16", "W4A16_ASYM")
+INT_WEIGHT_ONLY = ("W8A16", "W4A16", "W4A16_ASYM")
+
+
+class GPTQOptions(_Strict):
+    """llm-compressor ``GPTQModifier`` settings."""
+
+    dampening_frac: float = Field(0.01, gt=0.0, le=1.0)
+    actorder: Literal["static", "group", "weight"] | None = Field(
+        "static", description="activation ordering; null turns it off"
+    )
+    block_size: int = Field(128, ge=1, le=4096)
+
+
+class AWQOptions(_Strict):
+    """llm-compressor ``AWQModifier`` settings (a smaller ``n_grid`` searches fewer scales)."""
+
+    n_grid: int = Field(20, ge=2, le=100)
+    duo_scaling: bool | Literal["both"] = True
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> "AWQOptions":
+        # llm-compressor divides by n_grid - 2 (duo_scaling true) or n_grid/2 - 1 ("both").
+        least = {True: 3, "both": 4}.get(self.duo_scaling, 2)
+        if self.n_grid < least:
+            raise ValueError(f"n_grid must be at least {least} with duo_scaling {self.duo_scaling}")
+        return self
+
+
+class SmoothQuantOptions(_Strict):
+    """llm-compressor ``SmoothQuantModifier`` settings (applied before quantization)."""
+
+    smoothing_strength: float = Field(0.8, gt=0.0, lt=1.0)
 
 
 class LLMCompressorVariant(_VariantBase):
@@ -45,11 +102,38 @@ class LLMCompressorVariant(_VariantBase):
     scheme: Literal[LLMCOMPRESSOR_SCHEMES] = Field(  # type: ignore[valid-type]
         description="llm-compressor preset scheme name"
     )
+    algorithm: Literal["rtn", "gptq", "awq"] = Field(
+        "rtn", description="rtn: round to nearest (QuantizationModifier); gptq; awq"
+    )
+    group_size: int | None = Field(None, ge=8, le=4096, description="weight group size (INT schemes)")
+    gptq: GPTQOptions | None = None
+    awq: AWQOptions | None = None
+    smoothquant: SmoothQuantOptions | None = None
     ignore: tuple[str, ...] = Field(("lm_head",), description="modules left unquantized")
     targets: tuple[str, ...] = Field(("Linear",), description="module types to quantize")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "LLMCompressorVariant":
+        if self.group_size is not None and self.scheme not in GROUP_SIZE_SCHEMES:
+            raise ValueError(
+                f"group_size applies to {', '.join(GROUP_SIZE_SCHEMES)}; {self.scheme} fixes its own grouping"
+            )
+        if self.gptq is not None and self.algorithm != "gptq":
+            raise ValueError("'gptq' options need algorithm: gptq")
+        if self.awq is not None and self.algorithm != "awq":
+            raise ValueError("'awq' options need algorithm: awq")
+        if self.algorithm == "awq" and self.scheme not in INT_WEIGHT_ONLY:
+            raise ValueError(f"algorithm awq applies to weight-only INT schemes ({', '.join(INT_WEIGHT_ONLY)})")
+        if self.smoothquant is not None and self.scheme != "W8A8":
+            raise ValueError("smoothquant applies to W8A8 (it moves activation outliers into weights)")
+        return self
+
     def needs_calibration(self) -> bool:
-        return self.scheme not in LLMCOMPRESSOR_DATA_FREE
+        return (
+            self.algorithm in ("gptq", "awq")
+            or self.smoothquant is not None
+            or self.scheme in CALIBRATED_ACTIVATIONS
+        )
 
 
 Variant = Annotated[Union[LLMCompressorVariant], Field(discriminator="backend")]

@@ -84,3 +84,14 @@ def materialize(source, resolved: ResolvedSource, out_dir: Path) -> dict:
     # Hub cache blobs are immutable, so hard links are safe and save a copy of the weights.
     copy_files(snap, files, out_dir, link=True)
     return {}
+
+
+def config_path(source, resolved: ResolvedSource) -> Path:
+    """The folder holding the pinned commit's config.json (downloads only that file)."""
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(
+        source.repo, "config.json", revision=resolved.identity["commit"], cache_dir=_cache_dir(),
+        local_files_only=_offline(),
+    )
+    return Path(path).parent

@@ -41,12 +41,11 @@ def build_manifest(ctx, stage, inputs) -> dict[str, Any]:
         },
         "calibration": None,
     }
-    if variant.needs_calibration():
+    settings = stages[f"quantize/{name}"].params.get("calibration")
+    if settings is not None:
         cal = recipe.calibration
-        data["calibration"] = {
-            "path": str(cal.path), "sha256": plan.data["calibration"], "samples": cal.samples,
-            "seq_len": cal.seq_len, "seed": cal.seed,
-        }
+        source = {"path": str(cal.path)} if cal.path is not None else {"dataset": cal.dataset.model_dump(exclude_none=True)}
+        data["calibration"] = {**source, **settings}
     return {
         "manifest_version": MANIFEST_VERSION,
         "model": stage.params["model"],

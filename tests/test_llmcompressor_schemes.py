@@ -1,0 +1,173 @@
+"""Every llm-compressor scheme and algorithm on the tiny model: build, evaluate, publish, reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_recipe
+
+# name -> variant options (YAML lines under the variant). The tiny model's layers take 64 and
+# 128 input features, so group sizes are 32 (SmolLM2's 576 would need 64 or 32 too).
+VARIANTS = {
+    "fp8-static": "scheme: FP8",
+    "w8a8-sq-gptq": "scheme: W8A8\n    algorithm: gptq\n    smoothquant: {smoothing_strength: 0.5}",
+    "w8a16": "scheme: W8A16\n    group_size: 32",
+    "w4a16-gptq": "scheme: W4A16\n    algorithm: gptq\n    group_size: 32\n    gptq: {actorder: static, dampening_frac: 0.05}",
+    "w4a16-awq": "scheme: W4A16_ASYM\n    algorithm: awq\n    group_size: 32\n    awq: {n_grid: 3}",
+    "nvfp4a16": "scheme: NVFP4A16",
+    "nvfp4": "scheme: NVFP4\n    calibration: {samples: 4}",
+    "mxfp4a16": "scheme: MXFP4A16",
+    "mxfp4": "scheme: MXFP4",
+}
+MIN_CC = {"fp8-static": 8.9, "w8a8-sq-gptq": 7.5, "w8a16": 7.5, "w4a16-gptq": 7.5, "w4a16-awq": 7.5,
+          "nvfp4a16": 10.0, "nvfp4": 10.0, "mxfp4a16": 10.0, "mxfp4": 10.0}
+
+
+def _recipe(folder: Path, model: Path, wikitext: Path, variants: dict[str, str], extra: str = "") -> Path:
+    body = "".join(f"  - name: {n}\n    backend: llmcompressor\n    {opts}\n" for n, opts in variants.items())
+    path = write_recipe(folder, model, wikitext, gate="max_kld: 10.0", extra=extra)
+    text = path.read_text()
+    head = text[: text.index("variants:")]
+    tail = text[text.index("variants:"):].split("\n", 1)[1]
+    tail = tail[tail.index("\n", tail.index("scheme: FP8_DYNAMIC")) + 1:]
+    path.write_text(head + "variants:\n" + body + tail)
+    cal = "calibration:\n  path: " + str(wikitext / "valid.txt") + "\n"
+    path.write_text(path.read_text().replace(cal, cal + "  samples: 8\n  seq_len: 64\n"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model, wikitext):
+    """One run building every variant (each path once; module-scoped to keep CI short)."""
+    from pipeline.cli.main import main
+
+    root = tmp_path_factory.mktemp("schemes")
+    recipe = _recipe(root, tiny_model, wikitext, VARIANTS)
+    try:
+        main(["run", str(recipe), "--cache-dir", str(root / "cache"), "--storage", str(root / "store")])
+    except SystemExit as e:
+        assert e.code in (0, None), f"run failed with {e.code}"
+    published = {p.parent.parent.name: p.parent for p in (root / "store").rglob("manifest.json")}
+    return {"root": root, "published": published, "recipe": recipe}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_is_published_with_its_format(built, name):
+    folder = built["published"][name]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format"]["format"] == "compressed-tensors"
+    assert manifest["format"]["min_compute_capability"] == MIN_CC[name]
+    assert manifest["format"]["engines"] == ["vllm"]
+    m = manifest["metrics"]
+    assert m["mean_kld"] >= 0 and m["ppl"] > 0 and 0 <= m["top1"] <= 1
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    calibrated = name in ("fp8-static", "w8a8-sq-gptq", "w4a16-gptq", "w4a16-awq", "nvfp4")
+    assert (manifest["data"]["calibration"] is not None) == calibrated
+    if name == "nvfp4":
+        assert manifest["data"]["calibration"]["samples"] == 4  # the per-variant override
+    recipe_yaml = (folder / "recipe.yaml").read_text()
+    expected = {"w8a8-sq-gptq": "GPTQModifier", "w4a16-gptq": "GPTQModifier", "w4a16-awq": "AWQModifier"}
+    assert expected.get(name, "QuantizationModifier") in recipe_yaml
+    if name == "w8a8-sq-gptq":
+        assert "SmoothQuantModifier" in recipe_yaml
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_loads_back_with_transformers(built, name):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(built["published"][name], dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(torch.arange(32)[None]).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_quality_ranks_as_bits_suggest(built):
+    """On a random tiny model too: 8-bit formats stay closer to the baseline than 4-bit ones."""
+    kld = {n: json.loads((p / "manifest.json").read_text())["metrics"]["mean_kld"] for n, p in built["published"].items()}
+    assert max(kld["w8a16"], kld["w8a8-sq-gptq"]) < min(kld["w4a16-gptq"], kld["nvfp4a16"], kld["mxfp4a16"])
+
+
+def test_fp4_weights_are_the_stored_values_exactly(built):
+    import torch
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from safetensors.torch import load_file
+
+    from pipeline.backends.llmcompressor import LLMCompressorBackend
+
+    folder = built["published"]["nvfp4a16"]
+    stored = load_file(str(folder / "model.safetensors"))
+    model = LLMCompressorBackend().load_for_eval(folder, "cpu")
+    name = "model.layers.0.mlp.down_proj"
+    packed = stored[f"{name}.weight_packed"]
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    q = unpack_fp4_from_uint8(packed, rows, cols, dtype=torch.float32)
+    scale = stored[f"{name}.weight_scale"].float() / stored[f"{name}.weight_global_scale"].float()
+    expected = (q.view(rows, -1, 16) * scale[:, :, None]).view(rows, cols)
+    torch.testing.assert_close(model.get_submodule(name).weight, expected, rtol=0, atol=0)
+
+
+def test_hf_dataset_calibration_offline(cli, tiny_model, wikitext, tmp_path, dirs, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    recipe = _recipe(tmp_path, tiny_model, wikitext, {"fp8-static": "scheme: FP8"})
+    text = recipe.read_text().replace(
+        f"calibration:\n  path: {wikitext / 'valid.txt'}\n",
+        f"calibration:\n  dataset: {{path: text, data_files: {wikitext / 'valid.txt'}}}\n",
+    )
+    recipe.write_text(text)
+    code, _, err = cli("run", recipe)
+    assert code == 0, err
+    manifest = json.loads(next(dirs["storage"].rglob("manifest.json")).read_text())
+    assert manifest["data"]["calibration"]["dataset"]["path"] == "text"
+    assert len(manifest["data"]["calibration"]["sha256"]) == 64
+
+
+def test_calibration_samples_are_seeded(tiny_model, wikitext):
+    from transformers import AutoTokenizer
+
+    from pipeline.quality.calibration import calibration_samples
+    from pipeline.recipe.schema import Calibration
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cal = Calibration(path=wikitext / "valid.txt")
+    a = calibration_samples(cal, samples=8, seq_len=64, seed=1, tokenizer=tok)
+    b = calibration_samples(cal, samples=8, seq_len=64, seed=1, tokenizer=tok)
+    c = calibration_samples(cal, samples=8, seq_len=64, seed=2, tokenizer=tok)
+    assert a == b and a != c and all(len(x) == 64 for x in a)
+
+
+BAD = {
+    "group_size_does_not_divide": ({"w4": "scheme: W4A16"}, "", "group size 128 does not divide"),
+    "target_gpu_too_old": ({"fp8": "scheme: FP8_DYNAMIC"}, "targets:\n  - gpu: T4\n", "needs compute capability 8.9+"),
+    "unknown_target_gpu": ({"fp8": "scheme: FP8_DYNAMIC"}, "targets:\n  - gpu: TPUv5\n", "unknown GPU"),
+    "awq_on_fp8": ({"x": "scheme: FP8_DYNAMIC\n    algorithm: awq"}, "", "awq applies to weight-only INT"),
+    "group_size_on_fp4": ({"x": "scheme: NVFP4A16\n    group_size: 32"}, "", "fixes its own grouping"),
+    "calibration_too_small": ({"x": "scheme: FP8\n    calibration: {samples: 5000, seq_len: 4096}"}, "",
+                              "calibration text too short"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_scheme_input_is_one_line(cli, tiny_model, wikitext, tmp_path, dirs, case):
+    variants, extra, expect = BAD[case]
+    recipe = _recipe(tmp_path, tiny_model, wikitext, variants, extra=extra)
+    code, _, err = cli("run", recipe)
+    assert code == 2, err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and expect in lines[0], err
+    assert not list(dirs["storage"].rglob("manifest.json"))
+
+
+def test_scheme_missing_from_the_pinned_library(cli, tiny_model, wikitext, tmp_path, monkeypatch):
+    from compressed_tensors.quantization import quant_scheme
+
+    monkeypatch.delitem(quant_scheme.PRESET_SCHEMES, "MXFP4A16")
+    recipe = _recipe(tmp_path, tiny_model, wikitext, {"x": "scheme: MXFP4A16"})
+    code, _, err = cli("plan", recipe)
+    assert code == 2 and "not supported by the installed compressed-tensors" in err
