@@ -171,3 +171,49 @@ def test_scheme_missing_from_the_pinned_library(cli, tiny_model, wikitext, tmp_p
     recipe = _recipe(tmp_path, tiny_model, wikitext, {"x": "scheme: MXFP4A16"})
     code, _, err = cli("plan", recipe)
     assert code == 2 and "not supported by the installed compressed-tensors" in err
+
+
+def test_model_free_entrypoint_writes_the_same_tensors_as_oneshot(cli, tiny_model, wikitext, tmp_path, dirs):
+    """Shard-by-shard quantization (llm-compressor's model_free_ptq) gives the in-memory path's
+    tensors, bit for bit, for every data-free family."""
+    import torch
+    from safetensors.torch import load_file
+
+    pairs = {"fp8": "scheme: FP8_DYNAMIC", "w4": "scheme: W4A16\n    group_size: 32", "nv": "scheme: NVFP4A16"}
+    variants = {}
+    for name, opts in pairs.items():
+        variants[f"{name}-oneshot"] = opts
+        variants[f"{name}-free"] = opts + "\n    entrypoint: model_free"
+    code, _, err = cli("run", _recipe(tmp_path, tiny_model, wikitext, variants))
+    assert code == 0, err
+    folders = {p.parent.parent.name: p.parent for p in dirs["storage"].rglob("manifest.json")}
+    for name in pairs:
+        a = load_file(str(folders[f"{name}-oneshot"] / "model.safetensors"))
+        b = load_file(str(folders[f"{name}-free"] / "model.safetensors"))
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_model_free_refuses_calibrated_variants(tmp_path, tiny_model, wikitext):
+    from pipeline.errors import RecipeError
+    from pipeline.recipe import load_recipe
+
+    path = _recipe(tmp_path, tiny_model, wikitext, {"x": "scheme: W4A16\n    algorithm: gptq\n    entrypoint: model_free"})
+    with pytest.raises(RecipeError, match="model_free takes data-free"):
+        load_recipe(path)
+
+
+def test_awq_grid_too_small_for_duo_scaling(tmp_path, tiny_model, wikitext):
+    from pipeline.errors import RecipeError
+    from pipeline.recipe import load_recipe
+
+    path = _recipe(tmp_path, tiny_model, wikitext, {"x": "scheme: W4A16\n    algorithm: awq\n    awq: {n_grid: 2}"})
+    with pytest.raises(RecipeError, match="n_grid must be at least 3"):
+        load_recipe(path)
+
+
+def test_targets_that_can_run_the_variants_plan(cli, tiny_model, wikitext, tmp_path):
+    recipe = _recipe(tmp_path, tiny_model, wikitext, {"fp8": "scheme: FP8_DYNAMIC", "w8": "scheme: W8A8"},
+                     extra="targets:\n  - gpu: T4\n  - gpu: h100\n")
+    code, out, err = cli("plan", recipe)
+    assert code == 0, err

@@ -87,7 +87,6 @@ class LLMCompressorBackend(Backend):
         """
         from pipeline.errors import RecipeError
 
-        where = f"variant {variant.name}"
         try:
             from compressed_tensors.quantization import preset_name_to_scheme
             from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
@@ -97,7 +96,7 @@ class LLMCompressorBackend(Backend):
             raise RecipeError(
                 f"scheme {variant.scheme} is not supported by the installed compressed-tensors "
                 f"{_version('compressed-tensors')} (llm-compressor {_version('llmcompressor')})",
-                field=f"{where}: scheme",
+                field="scheme",
                 fix=f"choose one of {', '.join(sorted(set(_SCHEMES) & set(PRESET_SCHEMES)))}",
             )
         weights = preset_name_to_scheme(variant.scheme, list(variant.targets)).weights
@@ -112,7 +111,7 @@ class LLMCompressorBackend(Backend):
             raise RecipeError(
                 f"group size {group} does not divide {name}'s {width} input features "
                 f"({len(bad)} layer(s) affected)",
-                field=f"{where}: group_size",
+                field="group_size",
                 fix=f"use group_size: {fits[0]}" if fits and variant.scheme in ("W4A16", "W4A16_ASYM", "W8A16")
                 else "ignore those layers or choose another scheme",
             )
@@ -123,6 +122,8 @@ class LLMCompressorBackend(Backend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source_dtype = _config_dtype(source)
+        if variant.entrypoint == "model_free":
+            return _model_free(variant, source, out, device, source_dtype)
         # Data-free schemes run no forward pass, so they work in the checkpoint's own dtype (as
         # llm-compressor's examples do); calibrated ones run forwards and use fp32 on CPUs,
         # where bf16 matmuls are ~5x slower.
@@ -258,14 +259,55 @@ def fp8_per_token_qdq(x):
     return q.to(x.dtype).mul_(scale)
 
 
-def _modifiers(variant) -> list:
-    """llm-compressor's recipe for a variant, as a list of modifiers."""
+def _scheme(variant):
+    """The preset scheme, with the variant's group size if it sets one."""
     from compressed_tensors.quantization import preset_name_to_scheme
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     scheme = preset_name_to_scheme(variant.scheme, list(variant.targets))
     if variant.group_size is not None:
         scheme = scheme.model_copy(update={"weights": scheme.weights.model_copy(update={"group_size": variant.group_size})})
+    return scheme
+
+
+def _model_free(variant, source: Path, out: Path, device: str, source_dtype) -> dict[str, Any]:
+    """llm-compressor's ``model_free_ptq``: safetensors shard by shard, no model in memory.
+
+    It matches tensors by name only, so every weight that is not a targeted Linear (embeddings,
+    and the output head when tied to them) is named in ``ignore`` explicitly, from a weightless
+    (meta) instance of the architecture.
+    """
+    from llmcompressor.entrypoints.model_free import model_free_ptq
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    targeted = {name for name, _w in _linear_input_widths(config, variant.ignore)}
+    others = sorted(_weight_owners(config) - targeted)
+    with _quiet_library_logs():
+        model_free_ptq(
+            str(source), str(out), scheme=_scheme(variant), ignore=list(variant.ignore) + others,
+            max_workers=max(1, os.cpu_count() or 1) if device == "cpu" else 1,
+            device=None if device == "cpu" else device,
+        )
+    # model_free_ptq copies the source's non-weight files (config, tokenizer) and updates config.
+    return {"quantized_modules": len(targeted), "source_dtype": str(source_dtype).removeprefix("torch."),
+            "calibration_samples": 0, "entrypoint": "model_free_ptq"}
+
+
+def _weight_owners(config) -> set[str]:
+    """Names of all modules of the architecture that own a ``weight`` parameter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[0] for name, _p in model.named_parameters() if name.endswith(".weight")}
+
+
+def _modifiers(variant) -> list:
+    """llm-compressor's recipe for a variant, as a list of modifiers."""
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    scheme = _scheme(variant)
     common = {"config_groups": {"group_0": scheme}, "ignore": list(variant.ignore)}
     mods: list = []
     if variant.smoothquant is not None:

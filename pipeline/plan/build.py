@@ -98,9 +98,12 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None) -> 
     )
     stages += [fetch, baseline]
 
-    for variant in recipe.variants:
+    for index, variant in enumerate(recipe.variants):
         backend = get_backend(variant.backend)
-        backend.check_variant(variant, model_config)
+        try:
+            backend.check_variant(variant, model_config)
+        except RecipeError as e:
+            raise loaded.error(e.message, ("variants", index, e.field or "scheme"), fix=e.fix) from None
         params: dict[str, Any] = {"backend": variant.backend, "options": variant.backend_params()}
         if variant.needs_calibration():
             params["calibration"] = {"sha256": data["calibration"], **calibration_settings(recipe, variant)}
@@ -197,11 +200,10 @@ def _check_targets(recipe, loaded) -> None:
     for i, variant in enumerate(recipe.variants):
         need = get_backend(variant.backend).describe(variant).min_compute_capability
         if need is not None and not any(cc >= need for cc in gpus.values()):
-            raise RecipeError(
-                f"{variant.scheme if hasattr(variant, 'scheme') else variant.name} needs compute capability "
-                f"{need:g}+, but the targets are {', '.join(f'{g} ({cc:g})' for g, cc in gpus.items())}",
-                file=str(loaded.path), field=f"variants.{i}",
-                fix="drop the variant or add a target GPU that can run it",
+            raise loaded.error(
+                f"{getattr(variant, 'scheme', variant.name)} needs compute capability {need:g}+, but the "
+                f"targets are {', '.join(f'{g} ({cc:g})' for g, cc in gpus.items())}",
+                ("variants", i), fix="drop the variant or add a target GPU that can run it",
             )
 
 

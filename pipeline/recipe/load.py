@@ -27,10 +27,21 @@ class LoadedRecipe:
         digest: sha256 of the file's bytes (recorded in manifests).
     """
 
-    def __init__(self, recipe: Recipe, path: Path, digest: str):
+    def __init__(self, recipe: Recipe, path: Path, digest: str, lines: dict[tuple, int] | None = None):
         self.recipe = recipe
         self.path = path
         self.digest = digest
+        self._lines = lines or {}
+
+    def error(self, message: str, at: tuple, fix: str | None = None) -> RecipeError:
+        """A ``RecipeError`` for a problem found after parsing (e.g. at plan time), pointing at
+        the field ``at`` (a path like ``("variants", 0, "group_size")``) and its line."""
+        line = None
+        for depth in range(len(at), 0, -1):
+            line = self._lines.get(tuple(at[:depth]))
+            if line is not None:
+                break
+        return RecipeError(message, file=_shown(self.path), field=".".join(map(str, at)), line=line, fix=fix)
 
     @property
     def lock_path(self) -> Path:
@@ -79,7 +90,7 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         recipe = Recipe.model_validate(data, context={"base_dir": path.parent})
     except ValidationError as e:
         raise _first_error(e, shown, lines, data) from None
-    return LoadedRecipe(recipe, path, digest_bytes(raw))
+    return LoadedRecipe(recipe, path, digest_bytes(raw), lines)
 
 
 def _shown(path: Path) -> str:

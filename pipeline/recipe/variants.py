@@ -111,9 +111,16 @@ class LLMCompressorVariant(_VariantBase):
     smoothquant: SmoothQuantOptions | None = None
     ignore: tuple[str, ...] = Field(("lm_head",), description="modules left unquantized")
     targets: tuple[str, ...] = Field(("Linear",), description="module types to quantize")
+    entrypoint: Literal["oneshot", "model_free"] = Field(
+        "oneshot",
+        description="oneshot: the model in memory; model_free: llm-compressor's model_free_ptq, shard by "
+        "shard, memory independent of model size (data-free round-to-nearest schemes only)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "LLMCompressorVariant":
+        if self.entrypoint == "model_free" and self.needs_calibration():
+            raise ValueError("entrypoint model_free takes data-free round-to-nearest variants only (no calibration)")
         if self.group_size is not None and self.scheme not in GROUP_SIZE_SCHEMES:
             raise ValueError(
                 f"group_size applies to {', '.join(GROUP_SIZE_SCHEMES)}; {self.scheme} fixes its own grouping"

@@ -1,0 +1,217 @@
+"""Benchmark: data-free quantization shard by shard, under a memory limit smaller than the model.
+
+1. Writes a synthetic checkpoint (random bf16 weights, a real Llama-3.2-3B configuration: about
+   6.4 GB in 1 GB safetensors shards).
+2. In a memory cgroup limited to ``--limit-gb`` (default 3 GiB, under half the checkpoint), runs
+   each side by side, each in its own process:
+   - the I/O floor: read every input shard once, then write as many bytes as the quantized output
+     has, with fsync;
+   - modelbuild's quantize step for an ``FP8_DYNAMIC`` variant with ``entrypoint: model_free``
+     (llm-compressor's ``model_free_ptq`` under modelbuild's backend);
+   - the same variant with the default in-memory ``oneshot`` entrypoint, which must load the
+     whole model and so cannot fit (expected: killed by the limit).
+3. Prints wall times, peak RSS and the ratio of the model-free quantize to the I/O floor
+   (target <= 1.5x).
+
+Needs root for the cgroup (cgroup v1 memory controller at /sys/fs/cgroup/memory); without it the
+limit is not enforced and the script says so. Usage:
+    .venv/bin/python benchmarks/model_free_memory.py [--workdir DIR] [--limit-gb 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+LLAMA_3B = dict(
+    vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+    num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=8192,
+    rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16",
+)
+
+
+def make_checkpoint(folder: Path, shard_bytes: int = 1 << 30) -> int:
+    """Random bf16 weights with the names and shapes of a real Llama, in shards; returns bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**LLAMA_3B)
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        from transformers import LlamaForCausalLM
+
+        shapes = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    shard, size, index, total, count = {}, 0, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, count
+        if not shard:
+            return
+        count += 1
+        name = f"model-{count:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        index.update({k: name for k in shard})
+        shard, size = {}, 0
+
+    for name, shape in shapes.items():
+        if name == "lm_head.weight":
+            continue  # tied to the embeddings
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        if size + t.nbytes > shard_bytes:
+            flush()
+        shard[name] = t
+        size += t.nbytes
+        total += t.nbytes
+    flush()
+    # Give each shard its final "-of-N" name, as Hugging Face checkpoints have.
+    renames = {}
+    for i in range(1, count + 1):
+        old, new = f"model-{i:05d}.safetensors", f"model-{i:05d}-of-{count:05d}.safetensors"
+        (folder / old).rename(folder / new)
+        renames[old] = new
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": {k: renames[v] for k, v in index.items()}})
+    )
+    return total
+
+
+class MemoryCgroup:
+    """A cgroup v1 memory limit that child processes join before they exec."""
+
+    def __init__(self, limit_bytes: int):
+        self.path = CGROUP_ROOT / f"modelbuild-bench-{os.getpid()}"
+        self.enforced = False
+        try:
+            self.path.mkdir()
+            (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            self.enforced = True
+        except OSError as e:
+            print(f"warning: memory limit NOT enforced (cgroup unavailable: {e})", file=sys.stderr)
+
+    def join(self):
+        if self.enforced:
+            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def close(self):
+        if self.enforced:
+            time.sleep(0.5)
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+
+
+def run(cmd: list[str], cgroup: MemoryCgroup) -> dict:
+    """Wall time, peak RSS and exit status of one command inside the cgroup."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=cgroup.join)
+    out = {}
+    threads = [threading.Thread(target=lambda n=n, s=s: out.__setitem__(n, s.read())) for n, s in
+               (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for t in threads:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    for t in threads:
+        t.join()
+    return {"wall_s": time.perf_counter() - start, "rss_mb": usage.ru_maxrss / 1024,
+            "status": status, "exit": os.waitstatus_to_exitcode(status),
+            "stderr": out.get("stderr", b"").decode(errors="replace")[-2000:]}
+
+
+FLOOR = """
+import os, sys
+src, dst, nbytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
+buf = bytearray(16 << 20)
+for name in sorted(os.listdir(src)):
+    if name.endswith('.safetensors'):
+        with open(os.path.join(src, name), 'rb', buffering=0) as f:
+            while f.readinto(buf):
+                pass
+os.makedirs(dst, exist_ok=True)
+with open(os.path.join(dst, 'out.bin'), 'wb') as f:
+    left = nbytes
+    while left > 0:
+        n = min(left, len(buf)); f.write(buf[:n]); left -= n
+    f.flush(); os.fsync(f.fileno())
+"""
+
+QUANTIZE = """
+import sys
+from pathlib import Path
+from pipeline.backends.llmcompressor import LLMCompressorBackend
+from pipeline.recipe.variants import LLMCompressorVariant
+v = LLMCompressorVariant(name='fp8', backend='llmcompressor', scheme='FP8_DYNAMIC', entrypoint=sys.argv[3])
+LLMCompressorBackend().quantize(v, Path(sys.argv[1]), Path(sys.argv[2]), calibration=None, device='cpu')
+import os; os.sync()
+"""
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--limit-gb", type=float, default=3.0)
+    ap.add_argument("--skip-oneshot", action="store_true", help="do not demonstrate the in-memory path failing")
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="mb-modelfree-"))
+    src = work / "llama-3b-synthetic"
+    if not (src / "model.safetensors.index.json").exists():
+        t = time.perf_counter()
+        total = make_checkpoint(src)
+        print(f"synthetic checkpoint: {total / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s")
+    total = folder_bytes(src)
+    limit = int(args.limit_gb * (1 << 30))
+    cgroup = MemoryCgroup(limit)
+    try:
+        free_out = work / "out-model-free"
+        shutil.rmtree(free_out, ignore_errors=True)
+        quant = run([sys.executable, "-c", QUANTIZE, str(src), str(free_out), "model_free"], cgroup)
+        if quant["exit"] != 0:
+            sys.exit(f"model-free quantize failed ({quant['exit']}):\n{quant['stderr']}")
+        out_bytes = folder_bytes(free_out)
+        floor_dir = work / "floor"
+        floor = run([sys.executable, "-c", FLOOR, str(src), str(floor_dir), str(out_bytes)], cgroup)
+        shutil.rmtree(floor_dir, ignore_errors=True)
+        oneshot = None
+        if not args.skip_oneshot:
+            one_out = work / "out-oneshot"
+            shutil.rmtree(one_out, ignore_errors=True)
+            oneshot = run([sys.executable, "-c", QUANTIZE, str(src), str(one_out), "oneshot"], cgroup)
+            shutil.rmtree(one_out, ignore_errors=True)
+    finally:
+        cgroup.close()
+
+    print(f"checkpoint {total / 1e9:.2f} GB (bf16, {len(list(src.glob('*.safetensors')))} shards); "
+          f"memory limit {args.limit_gb:g} GiB ({'enforced by a cgroup' if cgroup.enforced else 'NOT enforced'})")
+    print(f"{'':44}{'wall':>9}{'peak RSS':>11}")
+    print(f"{'I/O floor (read input + write output)':44}{floor['wall_s']:>8.1f}s{floor['rss_mb']:>9.0f}MB")
+    print(f"{'modelbuild FP8_DYNAMIC, entrypoint model_free':44}{quant['wall_s']:>8.1f}s{quant['rss_mb']:>9.0f}MB")
+    if oneshot is not None:
+        fate = "finished" if oneshot["exit"] == 0 else f"killed (exit {oneshot['exit']})"
+        print(f"{'modelbuild FP8_DYNAMIC, entrypoint oneshot':44}{oneshot['wall_s']:>8.1f}s{oneshot['rss_mb']:>9.0f}MB  {fate}")
+    print(f"output {out_bytes / 1e9:.2f} GB; model-free / I/O floor: {quant['wall_s'] / floor['wall_s']:.2f}x (target <= 1.5)")
+    print(f"workdir: {work}")
+
+
+if __name__ == "__main__":
+    main()

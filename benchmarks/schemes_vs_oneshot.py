@@ -1,0 +1,135 @@
+"""Benchmark: each llm-compressor variant through modelbuild vs llm-compressor's ``oneshot`` by hand.
+
+For every variant of a recipe (default: recipes/smollm2-135m-instruct-full.yaml), side by side,
+each in its own process, from the same bf16 checkpoint (the recipe's fetched baseline):
+  - modelbuild: the variant's quantize stage (calibration sampling, llm-compressor, dtype
+    handling, compressed save, hashing into the cache);
+  - by hand: the script an engineer would write with llm-compressor's public API: load the model,
+    tokenize the same calibration windows, ``oneshot``, save compressed. Its modifiers come from
+    the same helper modelbuild uses, so both sides run the very same llm-compressor recipe and
+    the ratio measures everything modelbuild adds around it.
+Prints wall time and peak RSS of both and their ratios (target <= 1.1x), then the quality table
+of the variants as published by the recipe's last run, if any.
+
+Usage: .venv/bin/python benchmarks/schemes_vs_oneshot.py [RECIPE] [--cache-dir D] [--only a,b]
+The recipe's fetch stage must be in the cache (run or plan it once); the quantize stages are
+rebuilt in a scratch cache so the measurement always does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODELBUILD = """
+import sys, json
+from pathlib import Path
+from pipeline.orchestrate import prepare
+from pipeline.progress import Reporter
+from pipeline.cache.store import CacheStore
+from pipeline.executors.local import execute
+from pipeline.stages.context import RunContext
+recipe, cache, scratch, variant = sys.argv[1:5]
+reporter = Reporter()
+prepared = prepare(Path(recipe), cache_dir=Path(cache), storage=None, reporter=reporter)
+plan = prepared.plan
+keep = {"fetch", f"quantize/{variant}"}
+from dataclasses import replace
+stages = tuple(s for s in plan.stages if s.id in keep)
+sub = replace(plan, stages=stages)
+ctx = RunContext(loaded=prepared.loaded, source=plan.source, storage_root=Path(scratch), device="cpu",
+                 reporter=reporter, plan=plan)
+# fetch comes from the shared cache; the quantize stage is built in a scratch cache.
+shared = CacheStore(Path(cache))
+fetch = shared.get(plan.by_id()["fetch"].key)
+assert fetch is not None, "run the recipe's fetch stage first"
+from pipeline.stages.context import StageInput
+from pipeline.stages import runner
+stage = plan.by_id()[f"quantize/{variant}"]
+out = CacheStore(Path(scratch)).put(stage.key, lambda o: runner("quantize").run(ctx, stage, {"fetch": StageInput(fetch.result, fetch)}, o), {})
+print(json.dumps({"checkpoint": str(fetch.data), "size": out.result["size_bytes"]}))
+"""
+
+BY_HAND = """
+import sys, json, random, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from pipeline.backends.llmcompressor import _modifiers, _threads_for, _no_pinning_without_accelerator
+from pipeline.recipe import load_recipe
+recipe, checkpoint, out, variant = sys.argv[1:5]
+loaded = load_recipe(recipe).recipe
+v = next(x for x in loaded.variants if x.name == variant)
+tok = AutoTokenizer.from_pretrained(checkpoint)
+kwargs = {}
+calibrated = v.needs_calibration()
+model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32 if calibrated else "auto")
+if calibrated:
+    from datasets import Dataset
+    cal = loaded.calibration
+    over = v.calibration
+    n = over.samples if over and over.samples else cal.samples
+    L = over.seq_len if over and over.seq_len else cal.seq_len
+    ids = tok(Path(cal.path).read_text(), add_special_tokens=False)["input_ids"]
+    picks = sorted(random.Random(cal.seed).sample(range(len(ids) // L), n))
+    rows = [ids[w * L:(w + 1) * L] for w in picks]
+    kwargs = dict(dataset=Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * L] * n}),
+                  num_calibration_samples=n, max_seq_length=L, shuffle_calibration_samples=False)
+with _threads_for(v, "cpu"), _no_pinning_without_accelerator():
+    oneshot(model=model, recipe=_modifiers(v), **kwargs)
+model.to(torch.bfloat16)
+model.save_pretrained(out, save_compressed=True)
+tok.save_pretrained(out)
+"""
+
+
+def measure(cmd: list[str]) -> dict:
+    start = time.perf_counter()
+    import subprocess
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: dict = {}
+    threads = [threading.Thread(target=lambda n=n, s=s: out.__setitem__(n, s.read())) for n, s in
+               (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for t in threads:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    for t in threads:
+        t.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(cmd[:3])}...\n{out['stderr'].decode()[-3000:]}")
+    return {"wall_s": time.perf_counter() - start, "rss_mb": usage.ru_maxrss / 1024, "stdout": out["stdout"].decode()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe", nargs="?", default=str(REPO / "recipes" / "smollm2-135m-instruct-full.yaml"))
+    ap.add_argument("--cache-dir", default=os.environ.get("MODELBUILD_CACHE", str(Path.home() / ".cache" / "modelbuild")))
+    ap.add_argument("--only", default="", help="comma-separated variant names")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from pipeline.recipe import load_recipe
+
+    variants = [v.name for v in load_recipe(args.recipe).recipe.variants]
+    if args.only:
+        variants = [v for v in variants if v in args.only.split(",")]
+    print(f"{'variant':16}{'modelbuild':>12}{'by hand':>10}{'ratio':>8}{'RSS mb':>9}{'RSS hand':>10}{'ratio':>8}")
+    for name in variants:
+        with tempfile.TemporaryDirectory() as scratch:
+            ours = measure([sys.executable, "-c", MODELBUILD, args.recipe, args.cache_dir, scratch, name])
+            checkpoint = json.loads(ours["stdout"].strip().splitlines()[-1])["checkpoint"]
+            hand = measure([sys.executable, "-c", BY_HAND, args.recipe, checkpoint, str(Path(scratch) / "hand"), name])
+        print(f"{name:16}{ours['wall_s']:>11.1f}s{hand['wall_s']:>9.1f}s{ours['wall_s'] / hand['wall_s']:>7.2f}x"
+              f"{ours['rss_mb']:>9.0f}{hand['rss_mb']:>10.0f}{ours['rss_mb'] / hand['rss_mb']:>7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
