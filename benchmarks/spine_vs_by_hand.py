@@ -1,7 +1,8 @@
 """Benchmark: the demo recipe through modelbuild vs the same work by hand, side by side.
 
 Runs, each in its own process on the same machine in one go:
-  1. ``modelbuild run recipes/smollm2-135m-instruct.yaml`` on an empty cache and storage;
+  1. ``modelbuild run`` on the demo recipe reduced to its fp8-dynamic variant, on an empty cache
+     and storage;
   2. the same command again (a no-op rerun);
   3. ``benchmarks/by_hand_fp8.py`` (GGUF import + llm-compressor oneshot FP8_DYNAMIC + a plain
      evaluation script over the same tokens).
@@ -52,6 +53,19 @@ def measure_rss(cmd: list[str]) -> dict:
             "stderr": chunks["err"].decode()}
 
 
+def _fp8_only(demo: Path, work: Path) -> Path:
+    """The demo recipe with its fp8-dynamic variant alone (what the by-hand script does)."""
+    import yaml
+
+    data = yaml.safe_load(demo.read_text())
+    data["variants"] = [v for v in data["variants"] if v["name"] == "fp8-dynamic"]
+    for section, key in (("calibration", "path"), ("eval", "corpus")):
+        data[section][key] = str((demo.parent / data[section][key]).resolve())
+    path = work / "fp8-only.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def _sha(path: Path) -> str:
     from pipeline.hashing import sha256_file
 
@@ -65,7 +79,8 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mb-bench-"))
     cache, store, hand = work / "cache", work / "store", work / "by-hand"
     hand.mkdir(parents=True, exist_ok=True)
-    mb = [sys.executable, "-m", "pipeline", "run", str(DEMO), "--cache-dir", str(cache), "--storage", str(store)]
+    recipe = _fp8_only(DEMO, work)
+    mb = [sys.executable, "-m", "pipeline", "run", str(recipe), "--cache-dir", str(cache), "--storage", str(store)]
 
     first = measure_rss(mb)
     noop = measure_rss(mb)

@@ -210,29 +210,42 @@ class LLMCompressorBackend(Backend):
 
 
 class _SharedInputQDQ:
-    """Dynamic activation quantization depends only on the input tensor and the quantization
-    args, so layers fed the very same tensor (q/k/v projections, gate/up) share one result, as
-    engines that fuse those layers quantize their input once. Static or per-module-scaled inputs
-    are never shared."""
+    """Dynamic activation quantization depends only on the input tensor, the quantization args
+    and (NVFP4) the global scale, so layers fed the very same tensor with equal global scales
+    (q/k/v projections, gate/up) share one result, as engines that fuse those layers quantize their
+    input once. Inputs with static per-module scales are never shared."""
 
     def __init__(self, forward_quantize):
         self.forward_quantize = forward_quantize
         self.last: tuple | None = None
 
     def __call__(self, module, x, args):
-        shareable = args.dynamic is True and getattr(module, "input_global_scale", None) is None
-        if not shareable:
+        if args.dynamic is False:  # static scales belong to each module
+            if _is_fp8_static_tensor(args, module):
+                return fp8_static_qdq(x, module.input_scale)
             return self.forward_quantize(module, x, "input", args)
+        # Dynamic (or locally dynamic with a calibrated global scale, as NVFP4): the result
+        # depends on the input, the args and the global scale only.
+        global_scale = getattr(module, "input_global_scale", None)
         last = self.last
         # Holding the input keeps its storage alive, so identity plus version is a safe test.
-        if last is not None and last[0] is x and last[1] == x._version and last[2] == args:
-            return last[3]
-        if x.ndim == 3 and _is_fp8_per_token(args):
+        if (last is not None and last[0] is x and last[1] == x._version and last[2] == args
+                and _same_scale(last[3], global_scale)):
+            return last[4]
+        if x.ndim == 3 and global_scale is None and _is_fp8_per_token(args):
             out = fp8_per_token_qdq(x)
         else:
             out = self.forward_quantize(module, x, "input", args)
-        self.last = (x, x._version, args, out)
+        self.last = (x, x._version, args, global_scale, out)
         return out
+
+
+def _same_scale(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    import torch
+
+    return torch.equal(a, b)
 
 
 def _is_fp8_per_token(args) -> bool:
@@ -240,6 +253,27 @@ def _is_fp8_per_token(args) -> bool:
         args.type == "float" and args.num_bits == 8 and args.strategy == "token" and args.symmetric
         and args.scale_dtype is None and args.group_size is None
     )
+
+
+def _is_fp8_static_tensor(args, module) -> bool:
+    zero_point = getattr(module, "input_zero_point", None)
+    return (
+        args.type == "float" and args.num_bits == 8 and args.strategy == "tensor" and args.symmetric
+        and args.dynamic is False and args.scale_dtype is None and getattr(module, "input_scale", None) is not None
+        and getattr(module, "input_global_scale", None) is None
+        and (zero_point is None or not bool(zero_point.any()))
+    )
+
+
+def fp8_static_qdq(x, scale):
+    """FP8 (E4M3) quantize-dequantize with a calibrated per-tensor scale: compressed-tensors'
+    arithmetic for these args with fewer temporaries (pinned bit for bit to it in tests)."""
+    import torch
+
+    fp8 = torch.float8_e4m3fn
+    limit = torch.finfo(fp8).max
+    q = (x / scale).clamp_(-limit, limit).to(fp8)
+    return q.to(scale.dtype).mul_(scale).to(x.dtype)
 
 
 def fp8_per_token_qdq(x):
