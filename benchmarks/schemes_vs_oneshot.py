@@ -12,8 +12,9 @@ Prints wall time and peak RSS of both and their ratios (target <= 1.1x), then th
 of the variants as published by the recipe's last run, if any.
 
 Usage: .venv/bin/python benchmarks/schemes_vs_oneshot.py [RECIPE] [--cache-dir D] [--only a,b]
-The recipe's fetch stage must be in the cache (run or plan it once); the quantize stages are
-rebuilt in a scratch cache so the measurement always does the work.
+The recipe's fetch stage must be in the cache (run the recipe once); the quantize stages are
+rebuilt in a scratch cache so the measurement always does the work. modelbuild's side includes
+planning the one-variant recipe (source hashing, plan-time checks), as ``modelbuild run`` does.
 """
 
 from __future__ import annotations
@@ -91,6 +92,20 @@ tok.save_pretrained(out)
 """
 
 
+def _single_variant(recipe: Path, name: str, folder: Path) -> Path:
+    """The recipe with one variant, so modelbuild plans (and checks) only what is measured."""
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    data["variants"] = [v for v in data["variants"] if v["name"] == name]
+    for section, key in (("calibration", "path"), ("eval", "corpus")):
+        if section in data and key in data[section]:
+            data[section][key] = str((recipe.parent / data[section][key]).resolve())
+    path = folder / "single.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def measure(cmd: list[str]) -> dict:
     start = time.perf_counter()
     import subprocess
@@ -124,7 +139,8 @@ def main() -> None:
     print(f"{'variant':16}{'modelbuild':>12}{'by hand':>10}{'ratio':>8}{'RSS mb':>9}{'RSS hand':>10}{'ratio':>8}")
     for name in variants:
         with tempfile.TemporaryDirectory() as scratch:
-            ours = measure([sys.executable, "-c", MODELBUILD, args.recipe, args.cache_dir, scratch, name])
+            single = _single_variant(Path(args.recipe), name, Path(scratch))
+            ours = measure([sys.executable, "-c", MODELBUILD, str(single), args.cache_dir, scratch, name])
             checkpoint = json.loads(ours["stdout"].strip().splitlines()[-1])["checkpoint"]
             hand = measure([sys.executable, "-c", BY_HAND, args.recipe, checkpoint, str(Path(scratch) / "hand"), name])
         print(f"{name:16}{ours['wall_s']:>11.1f}s{hand['wall_s']:>9.1f}s{ours['wall_s'] / hand['wall_s']:>7.2f}x"
