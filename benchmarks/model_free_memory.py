@@ -2,7 +2,8 @@
 
 1. Writes a synthetic checkpoint (random bf16 weights, a real Llama-3.2-3B configuration: about
    6.4 GB in 1 GB safetensors shards).
-2. In a memory cgroup limited to ``--limit-gb`` (default 3 GiB, under half the checkpoint), runs
+2. In a memory cgroup limited to ``--limit-gb`` (default 3 GiB, under half the checkpoint), with
+   the checkpoint evicted from the page cache before each (so reads come from disk), runs
    each side by side, each in its own process:
    - the I/O floor: read every input shard once, then write as many bytes as the quantized output
      has, with fsync;
@@ -10,7 +11,7 @@
      (llm-compressor's ``model_free_ptq`` under modelbuild's backend);
    - the same variant with the default in-memory ``oneshot`` entrypoint, which must load the
      whole model and so cannot fit (expected: killed by the limit).
-3. Prints wall times, peak RSS and the ratio of the model-free quantize to the I/O floor
+3. Prints wall times, peak anonymous memory (sampled), the cgroup's peak and the ratio of the model-free quantize to the I/O floor
    (target <= 1.5x).
 
 Needs root for the cgroup (cgroup v1 memory controller at /sys/fs/cgroup/memory); without it the
@@ -50,6 +51,7 @@ def make_checkpoint(folder: Path, shard_bytes: int = 1 << 30) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**LLAMA_3B)
     config.save_pretrained(folder)
+    _small_tokenizer().save_pretrained(folder)
     with torch.device("meta"):
         from transformers import LlamaForCausalLM
 
@@ -92,6 +94,19 @@ def make_checkpoint(folder: Path, shard_bytes: int = 1 << 30) -> int:
     return total
 
 
+def _small_tokenizer():
+    """A byte-level BPE tokenizer (the quantizer only copies it; its vocabulary is irrelevant)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["a synthetic checkpoint for a memory benchmark"] * 10,
+                            trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
 class MemoryCgroup:
     """A cgroup v1 memory limit that child processes join before they exec."""
 
@@ -118,8 +133,25 @@ class MemoryCgroup:
                 pass
 
 
+def drop_from_page_cache(folder: Path) -> None:
+    """Evict the files' cached pages, so every measured run reads from disk and the pages it
+    reads are charged to its own cgroup (cgroup v1 charges a page to whoever first touched it)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def run(cmd: list[str], cgroup: MemoryCgroup) -> dict:
-    """Wall time, peak RSS and exit status of one command inside the cgroup."""
+    """Wall time, peak anonymous memory (sampled), cgroup peak and exit status of one command."""
+    if cgroup.enforced:
+        try:
+            (cgroup.path / "memory.max_usage_in_bytes").write_text("0")
+        except OSError:
+            pass
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=cgroup.join)
     out = {}
@@ -127,12 +159,26 @@ def run(cmd: list[str], cgroup: MemoryCgroup) -> dict:
                (("stdout", proc.stdout), ("stderr", proc.stderr))]
     for t in threads:
         t.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak_anon = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
     for t in threads:
         t.join()
-    return {"wall_s": time.perf_counter() - start, "rss_mb": usage.ru_maxrss / 1024,
-            "status": status, "exit": os.waitstatus_to_exitcode(status),
-            "stderr": out.get("stderr", b"").decode(errors="replace")[-2000:]}
+    cgroup_peak = None
+    if cgroup.enforced:
+        try:
+            cgroup_peak = int((cgroup.path / "memory.max_usage_in_bytes").read_text())
+        except OSError:
+            pass
+    return {"wall_s": wall, "anon_mb": peak_anon / 2**20, "cgroup_mb": None if cgroup_peak is None else cgroup_peak / 2**20,
+            "exit": proc.returncode, "stderr": out.get("stderr", b"").decode(errors="replace")[-1500:]}
 
 
 FLOOR = """
@@ -172,30 +218,38 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--limit-gb", type=float, default=3.0)
     ap.add_argument("--skip-oneshot", action="store_true", help="do not demonstrate the in-memory path failing")
+    ap.add_argument("--make-checkpoint", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.make_checkpoint:
+        make_checkpoint(args.make_checkpoint)
+        return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mb-modelfree-"))
     src = work / "llama-3b-synthetic"
     if not (src / "model.safetensors.index.json").exists():
+        # In a child process: this process stays small, so nothing it holds is counted below.
         t = time.perf_counter()
-        total = make_checkpoint(src)
-        print(f"synthetic checkpoint: {total / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s")
+        subprocess.run([sys.executable, __file__, "--make-checkpoint", str(src)], check=True)
+        print(f"synthetic checkpoint written in {time.perf_counter() - t:.0f} s")
     total = folder_bytes(src)
     limit = int(args.limit_gb * (1 << 30))
     cgroup = MemoryCgroup(limit)
     try:
         free_out = work / "out-model-free"
         shutil.rmtree(free_out, ignore_errors=True)
+        drop_from_page_cache(src)
         quant = run([sys.executable, "-c", QUANTIZE, str(src), str(free_out), "model_free"], cgroup)
         if quant["exit"] != 0:
             sys.exit(f"model-free quantize failed ({quant['exit']}):\n{quant['stderr']}")
         out_bytes = folder_bytes(free_out)
         floor_dir = work / "floor"
+        drop_from_page_cache(src)
         floor = run([sys.executable, "-c", FLOOR, str(src), str(floor_dir), str(out_bytes)], cgroup)
         shutil.rmtree(floor_dir, ignore_errors=True)
         oneshot = None
         if not args.skip_oneshot:
             one_out = work / "out-oneshot"
             shutil.rmtree(one_out, ignore_errors=True)
+            drop_from_page_cache(src)
             oneshot = run([sys.executable, "-c", QUANTIZE, str(src), str(one_out), "oneshot"], cgroup)
             shutil.rmtree(one_out, ignore_errors=True)
     finally:
@@ -203,12 +257,19 @@ def main() -> None:
 
     print(f"checkpoint {total / 1e9:.2f} GB (bf16, {len(list(src.glob('*.safetensors')))} shards); "
           f"memory limit {args.limit_gb:g} GiB ({'enforced by a cgroup' if cgroup.enforced else 'NOT enforced'})")
-    print(f"{'':44}{'wall':>9}{'peak RSS':>11}")
-    print(f"{'I/O floor (read input + write output)':44}{floor['wall_s']:>8.1f}s{floor['rss_mb']:>9.0f}MB")
-    print(f"{'modelbuild FP8_DYNAMIC, entrypoint model_free':44}{quant['wall_s']:>8.1f}s{quant['rss_mb']:>9.0f}MB")
+    def row(label, r):
+        cg = "-" if r["cgroup_mb"] is None else f"{r['cgroup_mb']:.0f}MB"
+        return f"{label:44}{r['wall_s']:>8.1f}s{r['anon_mb']:>10.0f}MB{cg:>12}"
+
+    print(f"{'':44}{'wall':>9}{'peak anon':>12}{'cgroup peak':>12}")
+    print(row("I/O floor (read input + write output)", floor))
+    print(row("modelbuild FP8_DYNAMIC, entrypoint model_free", quant))
     if oneshot is not None:
-        fate = "finished" if oneshot["exit"] == 0 else f"killed (exit {oneshot['exit']})"
-        print(f"{'modelbuild FP8_DYNAMIC, entrypoint oneshot':44}{oneshot['wall_s']:>8.1f}s{oneshot['rss_mb']:>9.0f}MB  {fate}")
+        fate = "finished" if oneshot["exit"] == 0 else f"failed (exit {oneshot['exit']})"
+        print(row("modelbuild FP8_DYNAMIC, entrypoint oneshot", oneshot) + f"  {fate}")
+        if oneshot["exit"] != 0:
+            last = [line for line in oneshot["stderr"].splitlines() if line.strip()][-1:] or ["(killed by the limit)"]
+            print(f"  oneshot: {last[0][:160]}")
     print(f"output {out_bytes / 1e9:.2f} GB; model-free / I/O floor: {quant['wall_s'] / floor['wall_s']:.2f}x (target <= 1.5)")
     print(f"workdir: {work}")
 
