@@ -217,3 +217,22 @@ def test_targets_that_can_run_the_variants_plan(cli, tiny_model, wikitext, tmp_p
                      extra="targets:\n  - gpu: T4\n  - gpu: h100\n")
     code, out, err = cli("plan", recipe)
     assert code == 0, err
+
+
+def test_chat_template_wraps_each_sample(tiny_model, wikitext, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.errors import DataError
+    from pipeline.quality.calibration import calibration_samples
+    from pipeline.recipe.schema import Calibration
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cal = Calibration(path=wikitext / "valid.txt", chat_template=True)
+    with pytest.raises(DataError, match="no chat template"):
+        calibration_samples(cal, samples=2, seq_len=64, seed=0, tokenizer=tok)
+    tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    plain = calibration_samples(Calibration(path=wikitext / "valid.txt"), samples=2, seq_len=64, seed=0, tokenizer=tok)
+    wrapped = calibration_samples(cal, samples=2, seq_len=64, seed=0, tokenizer=tok)
+    bos = tok.convert_tokens_to_ids("<s>")
+    assert all(w[0] == bos for w in wrapped) and all(p[0] != bos for p in plain)
+    assert all(len(w) <= 64 for w in wrapped)
