@@ -53,8 +53,8 @@ def prepare(recipe_path: Path, *, cache_dir: Path | None, storage: Path | None, 
     loaded = load_recipe(recipe_path)
     for name in sorted({v.backend for v in loaded.recipe.variants}):
         get_backend(name).check_environment()
-    plan = build_plan(loaded)
     store = CacheStore(cache_dir or default_cache_dir(), warn=reporter.warn)
+    plan = build_plan(loaded, store=store)
     return Prepared(loaded, plan, store, storage_root(loaded, storage))
 
 

@@ -393,3 +393,20 @@ def test_fast_fp8_static_qdq_matches_compressed_tensors_bit_for_bit():
         module.input_zero_point = torch.nn.Parameter(torch.zeros(1, dtype=dtype), requires_grad=False)
         assert _is_fp8_static_tensor(args, module)
         assert torch.equal(fp8_static_qdq(x, module.input_scale), forward_quantize(module, x, "input", args))
+
+
+def test_plan_time_checks_are_remembered(cli, recipe_factory, monkeypatch):
+    """A rerun does not read the model's config again for checks that passed with the same
+    source, variant and tool versions (keeps no-op reruns free of model-library imports)."""
+    recipe = recipe_factory()
+    assert cli("plan", recipe)[0] == 0
+    import pipeline.plan.build as build
+
+    def boom(*a, **k):
+        raise AssertionError("config read again")
+
+    monkeypatch.setattr(build, "_model_config", boom)
+    code, _, err = cli("plan", recipe)
+    assert code == 0, err
+    with pytest.raises(AssertionError, match="config read again"):  # a changed variant is checked again
+        cli("plan", recipe_factory(variant_extra="    ignore: [lm_head, model.layers.0.mlp.down_proj]\n"))

@@ -23,7 +23,8 @@ from pipeline import sources
 from pipeline.backends import get_backend
 from pipeline.compat import compute_capability
 from pipeline.errors import DataError, ModelbuildError, RecipeError, SourceError, StageError
-from pipeline.hashing import sha256_file
+from pipeline.cache.store import CacheStore
+from pipeline.hashing import digest_json, sha256_file
 from pipeline.plan.stage import Hints, Stage, tool_version
 from pipeline.quality.calibration import calibration_digest
 from pipeline.quality.corpus import read_text
@@ -57,12 +58,15 @@ class Plan:
         return [s for s in self.stages if s.kind == kind]
 
 
-def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None) -> Plan:
+def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, store: CacheStore | None = None) -> Plan:
     """Build the DAG for a validated recipe.
 
     Args:
         loaded: the recipe.
         resolved: a source already resolved (e.g. from the lock file); resolved here otherwise.
+        store: the stage cache, if any: plan-time checks that passed before for the same source,
+            variant and tool versions are remembered there, and a cached fetch supplies the
+            model's config (so a no-op rerun reads no model file and imports no model library).
 
     Raises:
         SourceError, DataError, RecipeError, ToolError: whatever makes the recipe unbuildable.
@@ -70,17 +74,11 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None) -> 
     recipe = loaded.recipe
     resolved = resolved or sources.resolve(recipe.source)
     data = _corpus_digests(recipe)
-    model_config = _model_config(recipe, resolved)
     _check_targets(recipe, loaded)
+    _check_variants(loaded, resolved, store)
 
     stages: list[Stage] = []
-    fetch = Stage(
-        id="fetch",
-        kind="fetch",
-        params={"source": resolved.identity},
-        tools=resolved.tools,
-        version=VERSIONS["fetch"],
-    )
+    fetch = _fetch_stage(resolved)
     eval_params = {
         "corpus_sha256": data["eval"],
         "tokens": recipe.eval.tokens,
@@ -98,12 +96,8 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None) -> 
     )
     stages += [fetch, baseline]
 
-    for index, variant in enumerate(recipe.variants):
+    for variant in recipe.variants:
         backend = get_backend(variant.backend)
-        try:
-            backend.check_variant(variant, model_config)
-        except RecipeError as e:
-            raise loaded.error(e.message, ("variants", index, e.field or "scheme"), fix=e.fix) from None
         params: dict[str, Any] = {"backend": variant.backend, "options": variant.backend_params()}
         if variant.needs_calibration():
             params["calibration"] = {"sha256": data["calibration"], **calibration_settings(recipe, variant)}
@@ -162,6 +156,11 @@ def _with_keys(stages: list[Stage], versions: dict[str, str]) -> list[Stage]:
     return done
 
 
+def _fetch_stage(resolved: ResolvedSource) -> Stage:
+    return Stage(id="fetch", kind="fetch", params={"source": resolved.identity}, tools=resolved.tools,
+                 version=VERSIONS["fetch"])
+
+
 def calibration_settings(recipe, variant) -> dict[str, Any]:
     """The recipe's calibration sampling with the variant's overrides applied."""
     cal = recipe.calibration
@@ -207,12 +206,48 @@ def _check_targets(recipe, loaded) -> None:
             )
 
 
-def _model_config(recipe, resolved: ResolvedSource):
-    """The model's transformers config, read without loading weights (for plan-time checks)."""
+# Bump when backends' plan-time checks change, so remembered passes are checked again.
+CHECKS_VERSION = 1
+
+
+def _check_variants(loaded: LoadedRecipe, resolved: ResolvedSource, store: CacheStore | None) -> None:
+    """Each backend's plan-time checks of its variants against the model's config."""
+    recipe = loaded.recipe
+    memo = store.root / "checks" if store is not None else None
+    pending = []
+    for index, variant in enumerate(recipe.variants):
+        backend = get_backend(variant.backend)
+        token = digest_json({
+            "version": CHECKS_VERSION, "source": resolved.identity, "variant": variant.backend_params(),
+            "tools": {t: tool_version(t) for t in backend.tools},
+        })
+        if memo is None or not (memo / token).exists():
+            pending.append((index, variant, backend, token))
+    if not pending:
+        return
+    config = _model_config(recipe, resolved, store)
+    for index, variant, backend, token in pending:
+        try:
+            backend.check_variant(variant, config)
+        except RecipeError as e:
+            raise loaded.error(e.message, ("variants", index, e.field or "scheme"), fix=e.fix) from None
+        if memo is not None:
+            memo.mkdir(parents=True, exist_ok=True)
+            (memo / token).touch()
+
+
+def _model_config(recipe, resolved: ResolvedSource, store: CacheStore | None = None):
+    """The model's transformers config, read without loading weights (for plan-time checks):
+    from the cached fetch output when there is one, else from the source."""
     from transformers import AutoConfig
 
     source = recipe.source
     trust = source.trust_remote_code
+    if store is not None:
+        fetch = _fetch_stage(resolved)
+        entry = store.get(fetch.compute_key({}, {t: tool_version(t) for t in resolved.tools}))
+        if entry is not None:
+            return AutoConfig.from_pretrained(entry.data, trust_remote_code=trust)
     try:
         if source.kind == "local":
             return AutoConfig.from_pretrained(source.path, trust_remote_code=trust)
