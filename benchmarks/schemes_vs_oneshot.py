@@ -46,7 +46,7 @@ keep = {"fetch", f"quantize/{variant}"}
 from dataclasses import replace
 stages = tuple(s for s in plan.stages if s.id in keep)
 sub = replace(plan, stages=stages)
-ctx = RunContext(loaded=prepared.loaded, source=plan.source, storage_root=Path(scratch), device="cpu",
+ctx = RunContext(loaded=prepared.loaded, source=plan.source, storage_root=Path(scratch), requested_device="cpu",
                  reporter=reporter, plan=plan)
 # fetch comes from the shared cache; the quantize stage is built in a scratch cache.
 shared = CacheStore(Path(cache))

@@ -60,15 +60,13 @@ def prepare(recipe_path: Path, *, cache_dir: Path | None, storage: Path | None, 
 
 def run(prepared: Prepared, *, device: str, reporter: Reporter) -> Report:
     """Execute a prepared plan: the storage root is probed first, so nothing runs for nothing."""
-    from pipeline.quality.runner import pick_device
-
     check_writable(prepared.storage)
     write_lock(prepared)
     ctx = RunContext(
         loaded=prepared.loaded,
         source=prepared.plan.source,
         storage_root=prepared.storage,
-        device=pick_device(device),
+        requested_device=device,
         reporter=reporter,
         plan=prepared.plan,
     )

@@ -20,7 +20,8 @@ class RunContext:
         loaded: the recipe and its file.
         source: the pinned source.
         storage_root: where publish writes.
-        device: ``cpu`` or ``cuda`` for evaluation and calibration.
+        requested_device: ``auto``, ``cpu`` or ``cuda``; ``device`` resolves it on first use (so
+            a run served entirely from the cache never imports torch).
         reporter: progress and warnings.
         plan: the plan being executed (keys, data digests, tool versions).
     """
@@ -28,9 +29,18 @@ class RunContext:
     loaded: LoadedRecipe
     source: ResolvedSource
     storage_root: Path
-    device: str
+    requested_device: str
     reporter: Reporter
     plan: Any
+    _device: str | None = None
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            from pipeline.quality.runner import pick_device
+
+            self._device = pick_device(self.requested_device)
+        return self._device
 
     @property
     def recipe(self):
