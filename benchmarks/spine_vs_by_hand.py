@@ -121,7 +121,7 @@ def main() -> None:
     ours = next(store.rglob("model.safetensors"))
     same = _sha(ours) == _sha(hand / "fp8" / "model.safetensors")
     print(f"FP8 weights file identical to the by-hand one: {'yes' if same else 'no'}")
-    print(f"stage seconds: " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in sorted(stage.items())))
+    print("stage seconds: " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in sorted(stage.items())))
     print(f"by-hand seconds: import {hand_facts['import_s']:.1f}, quantize {hand_facts['quantize_s']:.1f}, "
           f"eval {hand_facts['eval_s']:.1f}")
     print(f"workdir: {work}")

@@ -71,6 +71,7 @@ class Backend(ABC):
         Raises:
             RecipeError: the model cannot take this variant.
         """
+        return None  # a backend without shape constraints accepts every variant
 
     @abstractmethod
     def describe(self, variant: Any) -> FormatInfo:

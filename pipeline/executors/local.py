@@ -51,29 +51,28 @@ def execute(plan, ctx: RunContext, store: CacheStore) -> Report:
         inputs = {
             sid: StageInput(report.outcomes[sid].result, report.outcomes[sid].entry) for sid in stage.inputs
         }
-        started = time.perf_counter()
-        if stage.cached:
-            entry = store.get(stage.key)
-            status = "cached"
-            if entry is None:
-                ctx.reporter.stage(index, total, stage.id, "running")
-                entry = _guarded(
-                    stage,
-                    lambda: store.put(
-                        stage.key,
-                        lambda out: runner(stage.kind).run(ctx, stage, inputs, out),
-                        {"stage": stage.id, "kind": stage.kind, "params": stage.params},
-                    ),
-                )
-                status = "built"
-            outcome = Outcome(stage, status, entry.result, time.perf_counter() - started, entry)
-        else:
-            result = _guarded(stage, lambda: runner(stage.kind).run(ctx, stage, inputs))
-            outcome = Outcome(stage, "ran", result, time.perf_counter() - started)
+        outcome = _run_stage(ctx, store, stage, inputs, index, total)
         report.outcomes[stage.id] = outcome
         seconds = outcome.seconds if outcome.status == "built" else None
         ctx.reporter.stage(index, total, stage.id, _describe(outcome), seconds)
     return report
+
+
+def _run_stage(ctx: RunContext, store: CacheStore, stage: Stage, inputs: dict, index: int, total: int) -> Outcome:
+    """One stage: served from the cache, built into it, or (uncached kinds) run."""
+    started = time.perf_counter()
+    module = runner(stage.kind)
+    if not stage.cached:
+        result = _guarded(stage, lambda: module.run(ctx, stage, inputs))
+        return Outcome(stage, "ran", result, time.perf_counter() - started)
+    entry = store.get(stage.key)
+    status = "cached"
+    if entry is None:
+        ctx.reporter.stage(index, total, stage.id, "running")
+        describe = {"stage": stage.id, "kind": stage.kind, "params": stage.params}
+        entry = _guarded(stage, lambda: store.put(stage.key, lambda out: module.run(ctx, stage, inputs, out), describe))
+        status = "built"
+    return Outcome(stage, status, entry.result, time.perf_counter() - started, entry)
 
 
 def _describe(outcome: Outcome) -> str:

@@ -8,15 +8,13 @@
 Every key is computed up front (a stage's key includes its inputs' keys), so ``plan`` can say
 which stages are cached before anything runs. Plan time also does the cheap checks that would
 otherwise fail late: the source is resolved (files hashed, Hub commit pinned), corpora are read
-and hashed, the storage root is probed, and each backend checks the variant against the model's
-config.
+and hashed, every variant must run on one of the recipe's target GPUs, and each backend checks
+its variants against the model's config (the storage root is probed before ``run`` starts).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from pipeline import sources
@@ -53,9 +51,6 @@ class Plan:
 
     def by_id(self) -> dict[str, Stage]:
         return {s.id: s for s in self.stages}
-
-    def variant_stages(self, kind: str) -> list[Stage]:
-        return [s for s in self.stages if s.kind == kind]
 
 
 def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, store: CacheStore | None = None) -> Plan:

@@ -36,7 +36,7 @@ def write_reference(out: Path, model, windows, *, top_k: int | None, device: str
     vocab = int(model.config.vocab_size)
     full = _NpyWriter(out / FULL, (n, s - 1, vocab)) if top_k is None else None
     per_position: dict[str, list] = {}
-    for i, (logprobs, next_ids) in enumerate(window_logprobs(model, windows, device)):
+    for logprobs, next_ids in window_logprobs(model, windows, device):
         if logprobs.shape[-1] != vocab:
             raise ValueError(f"logits have {logprobs.shape[-1]} entries, config.vocab_size is {vocab}")
         if full is not None:
