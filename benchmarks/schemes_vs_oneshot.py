@@ -24,38 +24,30 @@ import json
 import os
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, measure, single_variant_recipe
 
 MODELBUILD = """
 import sys, json
 from pathlib import Path
+from pipeline.cache.store import CacheStore
 from pipeline.orchestrate import prepare
 from pipeline.progress import Reporter
-from pipeline.cache.store import CacheStore
-from pipeline.executors.local import execute
-from pipeline.stages.context import RunContext
+from pipeline.stages import runner
+from pipeline.stages.context import RunContext, StageInput
 recipe, cache, scratch, variant = sys.argv[1:5]
 reporter = Reporter()
 prepared = prepare(Path(recipe), cache_dir=Path(cache), storage=None, reporter=reporter)
 plan = prepared.plan
-keep = {"fetch", f"quantize/{variant}"}
-from dataclasses import replace
-stages = tuple(s for s in plan.stages if s.id in keep)
-sub = replace(plan, stages=stages)
 ctx = RunContext(loaded=prepared.loaded, source=plan.source, storage_root=Path(scratch), requested_device="cpu",
                  reporter=reporter, plan=plan)
 # fetch comes from the shared cache; the quantize stage is built in a scratch cache.
-shared = CacheStore(Path(cache))
-fetch = shared.get(plan.by_id()["fetch"].key)
+fetch = prepared.store.get(plan.by_id()["fetch"].key)
 assert fetch is not None, "run the recipe's fetch stage first"
-from pipeline.stages.context import StageInput
-from pipeline.stages import runner
 stage = plan.by_id()[f"quantize/{variant}"]
-out = CacheStore(Path(scratch)).put(stage.key, lambda o: runner("quantize").run(ctx, stage, {"fetch": StageInput(fetch.result, fetch)}, o), {})
+inputs = {"fetch": StageInput(fetch.result, fetch)}
+out = CacheStore(Path(scratch)).put(stage.key, lambda o: runner("quantize").run(ctx, stage, inputs, o), {})
 print(json.dumps({"checkpoint": str(fetch.data), "size": out.result["size_bytes"]}))
 """
 
@@ -92,38 +84,6 @@ tok.save_pretrained(out)
 """
 
 
-def _single_variant(recipe: Path, name: str, folder: Path) -> Path:
-    """The recipe with one variant, so modelbuild plans (and checks) only what is measured."""
-    import yaml
-
-    data = yaml.safe_load(recipe.read_text())
-    data["variants"] = [v for v in data["variants"] if v["name"] == name]
-    for section, key in (("calibration", "path"), ("eval", "corpus")):
-        if section in data and key in data[section]:
-            data[section][key] = str((recipe.parent / data[section][key]).resolve())
-    path = folder / "single.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def measure(cmd: list[str]) -> dict:
-    start = time.perf_counter()
-    import subprocess
-
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out: dict = {}
-    threads = [threading.Thread(target=lambda n=n, s=s: out.__setitem__(n, s.read())) for n, s in
-               (("stdout", proc.stdout), ("stderr", proc.stderr))]
-    for t in threads:
-        t.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    for t in threads:
-        t.join()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(cmd[:3])}...\n{out['stderr'].decode()[-3000:]}")
-    return {"wall_s": time.perf_counter() - start, "rss_mb": usage.ru_maxrss / 1024, "stdout": out["stdout"].decode()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe", nargs="?", default=str(REPO / "recipes" / "smollm2-135m-instruct-full.yaml"))
@@ -139,7 +99,7 @@ def main() -> None:
     print(f"{'variant':16}{'modelbuild':>12}{'by hand':>10}{'ratio':>8}{'RSS mb':>9}{'RSS hand':>10}{'ratio':>8}")
     for name in variants:
         with tempfile.TemporaryDirectory() as scratch:
-            single = _single_variant(Path(args.recipe), name, Path(scratch))
+            single = single_variant_recipe(Path(args.recipe), name, Path(scratch))
             ours = measure([sys.executable, "-c", MODELBUILD, str(single), args.cache_dir, scratch, name])
             checkpoint = json.loads(ours["stdout"].strip().splitlines()[-1])["checkpoint"]
             hand = measure([sys.executable, "-c", BY_HAND, args.recipe, checkpoint, str(Path(scratch) / "hand"), name])

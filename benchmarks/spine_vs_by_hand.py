@@ -17,53 +17,12 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, measure, single_variant_recipe
 DEMO = REPO / "recipes" / "smollm2-135m-instruct.yaml"
-
-
-def measure_rss(cmd: list[str]) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # Read output while waiting so pipes never fill; wait4 gives this child's own peak RSS.
-    import threading
-
-    chunks = {"out": b"", "err": b""}
-
-    def drain(name, stream):
-        chunks[name] = stream.read()
-
-    threads = [threading.Thread(target=drain, args=(n, s)) for n, s in (("out", proc.stdout), ("err", proc.stderr))]
-    for t in threads:
-        t.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    for t in threads:
-        t.join()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.exit(f"command failed ({code}): {' '.join(cmd)}\n{chunks['err'].decode()[-3000:]}")
-    return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "stdout": chunks["out"].decode(),
-            "stderr": chunks["err"].decode()}
-
-
-def _fp8_only(demo: Path, work: Path) -> Path:
-    """The demo recipe with its fp8-dynamic variant alone (what the by-hand script does)."""
-    import yaml
-
-    data = yaml.safe_load(demo.read_text())
-    data["variants"] = [v for v in data["variants"] if v["name"] == "fp8-dynamic"]
-    for section, key in (("calibration", "path"), ("eval", "corpus")):
-        data[section][key] = str((demo.parent / data[section][key]).resolve())
-    path = work / "fp8-only.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def _sha(path: Path) -> str:
@@ -79,12 +38,12 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mb-bench-"))
     cache, store, hand = work / "cache", work / "store", work / "by-hand"
     hand.mkdir(parents=True, exist_ok=True)
-    recipe = _fp8_only(DEMO, work)
+    recipe = single_variant_recipe(DEMO, "fp8-dynamic", work)
     mb = [sys.executable, "-m", "pipeline", "run", str(recipe), "--cache-dir", str(cache), "--storage", str(store)]
 
-    first = measure_rss(mb)
-    noop = measure_rss(mb)
-    by_hand = measure_rss([sys.executable, str(REPO / "benchmarks" / "by_hand_fp8.py"), str(hand)])
+    first = measure(mb)
+    noop = measure(mb)
+    by_hand = measure([sys.executable, str(REPO / "benchmarks" / "by_hand_fp8.py"), str(hand)])
     hand_facts = json.loads(by_hand["stdout"].strip().splitlines()[-1])
 
     entries = [json.loads(Path(p).read_text()) for p in glob.glob(str(cache / "objects" / "*" / "*" / "entry.json"))]

@@ -329,12 +329,17 @@ def _model_free(variant, source: Path, out: Path, device: str, source_dtype) -> 
 
 def _weight_owners(config) -> set[str]:
     """Names of all modules of the architecture that own a ``weight`` parameter."""
+    model = _meta_model(config)
+    return {name.rsplit(".", 1)[0] for name, _p in model.named_parameters() if name.endswith(".weight")}
+
+
+def _meta_model(config):
+    """A weightless (meta-device) instance of the architecture: names and shapes, no memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name.rsplit(".", 1)[0] for name, _p in model.named_parameters() if name.endswith(".weight")}
+        return AutoModelForCausalLM.from_config(config)
 
 
 def _modifiers(variant) -> list:
@@ -410,10 +415,8 @@ def _linear_input_widths(config, ignore) -> list[tuple[str, int]]:
     import re
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = _meta_model(config)
 
     def ignored(name: str) -> bool:
         for pattern in ignore:
