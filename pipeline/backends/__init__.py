@@ -13,6 +13,7 @@ from pipeline.backends.base import Backend
 
 CATALOGUE: dict[str, str] = {
     "llmcompressor": "pipeline.backends.llmcompressor:LLMCompressorBackend",
+    "llamacpp": "pipeline.backends.llamacpp:LlamaCppBackend",
 }
 
 

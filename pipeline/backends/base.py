@@ -83,8 +83,15 @@ class Backend(ABC):
 
     @abstractmethod
     def load_for_eval(self, path: Path, device: str) -> Any:
-        """Load a quantized checkpoint as a torch module computing what its engine computes.
+        """Load a quantized checkpoint as a model computing what its engine computes.
 
         Weights must be the stored values dequantized exactly; activation quantization the engine
-        performs is simulated.
+        performs is simulated (or the engine itself computes).
         """
+
+    def forward(self, model: Any):
+        """``ids [1, S] -> logits [S, vocab]`` for a model from ``load_for_eval`` (a transformers
+        causal LM unless the backend says otherwise)."""
+        from pipeline.quality.runner import torch_forward
+
+        return torch_forward(model)

@@ -15,8 +15,9 @@ quantized values are recovered exactly from that (the rounding is far below half
 step) by one quantize-dequantize with the stored scales in fp32, so every weight is exactly
 ``dequantize(q)``. The per-forward weight fake-quantization is then switched off (it would only
 redo that work), and the activation quantization the engine performs (FP8/INT8 per token, static
-FP8, NVFP4/MXFP4 groups) is simulated with compressed-tensors' own ``forward_quantize`` on each
-quantized layer's input.
+FP8, NVFP4/MXFP4 groups) is simulated on each quantized layer's input with compressed-tensors'
+arithmetic (``simulated_activations``: the library's ``forward_quantize``, or faster functions
+pinned bit for bit to it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.backends.base import Backend, FormatInfo
+from pipeline.backends.simulated_activations import SharedInputQDQ, input_hook, output_hook
 from pipeline.errors import StageError
 
 _W16 = "weights: stored {w} dequantized exactly; activations: not quantized (16-bit in the engine, fp32 here)"
@@ -184,7 +186,7 @@ class LLMCompressorBackend(Backend):
                 path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
             ).to(device)
         simulated = 0
-        shared = _SharedInputQDQ(forward_quantize)
+        shared = SharedInputQDQ(forward_quantize)
         for module in model.modules():
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is None:
@@ -200,97 +202,13 @@ class LLMCompressorBackend(Backend):
             # Weights are now dequantized; skip compressed-tensors' per-forward weight QDQ.
             module.quantization_enabled = False
             if scheme.input_activations is not None:
-                module.register_forward_pre_hook(_input_qdq(shared, scheme.input_activations))
+                module.register_forward_pre_hook(input_hook(shared, scheme.input_activations))
                 simulated += 1
             if scheme.output_activations is not None:
-                module.register_forward_hook(_output_qdq(forward_quantize, scheme.output_activations))
+                module.register_forward_hook(output_hook(forward_quantize, scheme.output_activations))
         model.eval()
         model.modelbuild_simulated_layers = simulated
         return model
-
-
-class _SharedInputQDQ:
-    """Dynamic activation quantization depends only on the input tensor, the quantization args
-    and (NVFP4) the global scale, so layers fed the very same tensor with equal global scales
-    (q/k/v projections, gate/up) share one result, as engines that fuse those layers quantize their
-    input once. Inputs with static per-module scales are never shared."""
-
-    def __init__(self, forward_quantize):
-        self.forward_quantize = forward_quantize
-        self.last: tuple | None = None
-
-    def __call__(self, module, x, args):
-        if args.dynamic is False:  # static scales belong to each module
-            if _is_fp8_static_tensor(args, module):
-                return fp8_static_qdq(x, module.input_scale)
-            return self.forward_quantize(module, x, "input", args)
-        # Dynamic (or locally dynamic with a calibrated global scale, as NVFP4): the result
-        # depends on the input, the args and the global scale only.
-        global_scale = getattr(module, "input_global_scale", None)
-        last = self.last
-        # Holding the input keeps its storage alive, so identity plus version is a safe test.
-        if (last is not None and last[0] is x and last[1] == x._version and last[2] == args
-                and _same_scale(last[3], global_scale)):
-            return last[4]
-        if x.ndim == 3 and global_scale is None and _is_fp8_per_token(args):
-            out = fp8_per_token_qdq(x)
-        else:
-            out = self.forward_quantize(module, x, "input", args)
-        self.last = (x, x._version, args, global_scale, out)
-        return out
-
-
-def _same_scale(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    import torch
-
-    return torch.equal(a, b)
-
-
-def _is_fp8_per_token(args) -> bool:
-    return (
-        args.type == "float" and args.num_bits == 8 and args.strategy == "token" and args.symmetric
-        and args.scale_dtype is None and args.group_size is None
-    )
-
-
-def _is_fp8_static_tensor(args, module) -> bool:
-    zero_point = getattr(module, "input_zero_point", None)
-    return (
-        args.type == "float" and args.num_bits == 8 and args.strategy == "tensor" and args.symmetric
-        and args.dynamic is False and args.scale_dtype is None and getattr(module, "input_scale", None) is not None
-        and getattr(module, "input_global_scale", None) is None
-        and (zero_point is None or not bool(zero_point.any()))
-    )
-
-
-def fp8_static_qdq(x, scale):
-    """FP8 (E4M3) quantize-dequantize with a calibrated per-tensor scale: compressed-tensors'
-    arithmetic for these args with fewer temporaries (pinned bit for bit to it in tests)."""
-    import torch
-
-    fp8 = torch.float8_e4m3fn
-    limit = torch.finfo(fp8).max
-    q = (x / scale).clamp_(-limit, limit).to(fp8)
-    return q.to(scale.dtype).mul_(scale).to(x.dtype)
-
-
-def fp8_per_token_qdq(x):
-    """FP8 (E4M3) per-token dynamic quantize-dequantize of a ``[batch, seq, hidden]`` tensor.
-
-    The same arithmetic as compressed-tensors' ``forward_quantize`` for these args (scale =
-    absmax / 448, zero scales replaced by fp32 eps, clamp, cast, multiply back), with fewer
-    temporaries: it is the evaluation's hot loop. A test pins it bit for bit to the library's.
-    """
-    import torch
-
-    fp8 = torch.float8_e4m3fn
-    limit = torch.finfo(fp8).max
-    scale = x.abs().amax(dim=-1, keepdim=True) / limit
-    scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
-    q = (x / scale).clamp_(-limit, limit).to(fp8)
-    return q.to(x.dtype).mul_(scale)
 
 
 def _scheme(variant):
@@ -434,20 +352,6 @@ def _version(dist: str) -> str:
     from pipeline.plan.stage import tool_version
 
     return tool_version(dist)
-
-
-def _input_qdq(shared: _SharedInputQDQ, args):
-    def hook(module, inputs):
-        return (shared(module, inputs[0], args),) + tuple(inputs[1:])
-
-    return hook
-
-
-def _output_qdq(forward_quantize, args):
-    def hook(module, _inputs, output):
-        return forward_quantize(module, output, "output", args)
-
-    return hook
 
 
 @contextlib.contextmanager

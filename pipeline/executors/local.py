@@ -91,6 +91,10 @@ def _guarded(stage: Stage, call):
             f"interrupted during stage {stage.id}",
             fix="nothing half-written was kept; rerun the same command to resume",
         ) from None
+    except StageError as e:
+        if e.where is None:  # a tool failed inside the stage: say which stage
+            e.where = f"stage {stage.id}"
+        raise
     except ModelbuildError:
         raise
     except Exception as e:  # a library failed inside a stage: one line, traceback under debug

@@ -5,6 +5,9 @@
     fetch ──► baseline ───────────────┐
       └────► quantize/<v> ──► evaluate/<v> ──► gate/<v> ──► publish/<v>
 
+(GGUF variants add a shared conversion, importance matrix and fidelity checks, and a speed
+measurement per variant: ``pipeline.plan.gguf``.)
+
 Every key is computed up front (a stage's key includes its inputs' keys), so ``plan`` can say
 which stages are cached before anything runs. Plan time also does the cheap checks that would
 otherwise fail late: the source is resolved (files hashed, Hub commit pinned), corpora are read
@@ -23,6 +26,7 @@ from pipeline.compat import compute_capability
 from pipeline.errors import DataError, ModelbuildError, RecipeError, SourceError, StageError
 from pipeline.cache.store import CacheStore
 from pipeline.hashing import digest_json, sha256_file
+from pipeline.plan.gguf import cpu_model, gguf_stages
 from pipeline.plan.stage import Hints, Stage, tool_version
 from pipeline.quality.calibration import calibration_digest
 from pipeline.quality.corpus import read_text
@@ -91,8 +95,13 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, sto
     )
     stages += [fetch, baseline]
 
+    existing = {s.id for s in stages}
     for variant in recipe.variants:
         backend = get_backend(variant.backend)
+        if variant.backend == "llamacpp":
+            cal = calibration_settings(recipe, variant) if variant.needs_calibration() else None
+            stages += gguf_stages(recipe, variant, data, cal, eval_params, existing, cpu_model())
+            continue
         params: dict[str, Any] = {"backend": variant.backend, "options": variant.backend_params()}
         if variant.needs_calibration():
             params["calibration"] = {"sha256": data["calibration"], **calibration_settings(recipe, variant)}
@@ -131,6 +140,7 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, sto
             cached=False,
         )
         stages += [quantize, evaluate, gate, publish]
+        existing.update(s.id for s in (quantize, evaluate, gate, publish))
 
     tools = sorted({t for s in stages for t in s.tools})
     versions = {t: tool_version(t) for t in tools}

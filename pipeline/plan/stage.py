@@ -64,7 +64,12 @@ class Stage:
 
 
 def tool_version(distribution: str) -> str:
-    """Installed version of a distribution, from its metadata (nothing is imported)."""
+    """Installed version of a distribution, from its metadata (nothing is imported), or of a
+    built toolchain (``pipeline.toolchains``)."""
+    from pipeline.toolchains import VERSIONS
+
+    if distribution in VERSIONS:
+        return VERSIONS[distribution]()
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

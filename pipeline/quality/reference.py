@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.quality import metrics
-from pipeline.quality.runner import window_logprobs
+from pipeline.quality.runner import torch_forward, window_logprobs
 
 TENSORS = "reference.safetensors"
 FULL = "logprobs.npy"
@@ -36,7 +36,7 @@ def write_reference(out: Path, model, windows, *, top_k: int | None, device: str
     vocab = int(model.config.vocab_size)
     full = _NpyWriter(out / FULL, (n, s - 1, vocab)) if top_k is None else None
     per_position: dict[str, list] = {}
-    for logprobs, next_ids in window_logprobs(model, windows, device):
+    for logprobs, next_ids in window_logprobs(torch_forward(model), windows, device):
         if logprobs.shape[-1] != vocab:
             raise ValueError(f"logits have {logprobs.shape[-1]} entries, config.vocab_size is {vocab}")
         if full is not None:

@@ -175,6 +175,47 @@ class Publish(Strict):
     _resolve_path = field_validator("root")(_resolve)
 
 
+# --- GGUF (llama.cpp) -------------------------------------------------------------------------
+
+
+class GGUFMetadata(Strict):
+    """GGUF ``general.*`` metadata; unset fields are what llama.cpp's converter infers from the
+    checkpoint (config, model card). File names follow the GGUF spec from these values:
+    ``<BaseName>-<SizeLabel>-<FineTune>-<Version>-<Type>.gguf``."""
+
+    name: str | None = Field(None, description="general.name")
+    basename: str | None = Field(None, description="general.basename")
+    finetune: str | None = Field(None, description="general.finetune, e.g. Instruct")
+    version: str | None = Field(None, description="general.version, e.g. v1.0")
+    size_label: str | None = Field(None, description="general.size_label, e.g. 135M or 8x7B")
+    quantized_by: str = Field("modelbuild", description="general.quantized_by")
+    base_model: str | None = Field(
+        None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub id of the base model (general.base_model.*); default: the Hub source"
+    )
+
+
+class GGUFFidelity(Strict):
+    """Conversion checks that fail every GGUF variant of the recipe when they fail."""
+
+    max_kld: float = Field(1e-3, ge=0.0, le=10.0, description="max mean KLD of the F16 GGUF vs the baseline")
+    strings: list[str] = Field(default_factory=list, description="extra strings the GGUF tokenizer must encode as HF does")
+
+
+class Speed(Strict):
+    """llama-bench settings for each GGUF variant's speed figures (medians over repetitions)."""
+
+    threads: int = Field(2, ge=1, le=512)
+    prompt_tokens: int = Field(512, ge=1, le=65536)
+    gen_tokens: int = Field(64, ge=1, le=65536)
+    repetitions: int = Field(5, ge=1, le=100)
+
+
+class GGUFSettings(Strict):
+    metadata: GGUFMetadata = GGUFMetadata()
+    fidelity: GGUFFidelity = GGUFFidelity()
+    speed: Speed = Speed()
+
+
 # --- recipe ----------------------------------------------------------------------------------
 
 
@@ -188,6 +229,7 @@ class Recipe(Strict):
     variants: list[Variant] = Field(min_length=1)
     targets: list[GPUTarget] = Field(default_factory=list, description="GPUs the variants must run on")
     publish: Publish = Publish()
+    gguf: GGUFSettings = Field(GGUFSettings(), description="settings shared by the llamacpp variants")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

@@ -9,12 +9,17 @@ from __future__ import annotations
 import importlib
 
 VERSIONS: dict[str, int] = {
-    "fetch": 1,
+    "fetch": 2,
     "baseline": 2,
     "quantize": 1,
     "evaluate": 2,
     "gate": 1,
     "publish": 1,
+    "gguf_convert": 1,
+    "gguf_fidelity": 1,
+    "gguf_imatrix": 1,
+    "gguf_quantize": 1,
+    "gguf_speed": 1,
 }
 
 

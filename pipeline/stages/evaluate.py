@@ -1,7 +1,7 @@
 """evaluate: one forward pass of the variant over the baseline's token windows.
 
 The variant is loaded by its backend as its engine computes (weights dequantized exactly as
-stored, activation quantization simulated), and compared position by position with the cached
+stored and activation quantization simulated, or the engine itself, as llama.cpp), and compared position by position with the cached
 baseline side: no baseline forward is repeated.
 """
 
@@ -28,16 +28,19 @@ def run(ctx, stage, inputs, out: Path) -> dict:
     windows = ref.tokens
 
     model = backend.load_for_eval(inputs[f"quantize/{name}"].data, ctx.device)
+    forward = backend.forward(model)
     lps, klds, tops = [], [], []
     started = time.perf_counter()
     with ctx.reporter.steps(f"evaluate {name}", windows.shape[0]) as advance:
-        for i, (logprobs, next_ids) in enumerate(window_logprobs(model, windows, ctx.device)):
+        for i, (logprobs, next_ids) in enumerate(window_logprobs(forward, windows, ctx.device)):
             lp, kld, top = ref.compare(i, logprobs, next_ids)
             lps.append(lp)
             klds.append(kld)
             tops.append(top)
             advance(1)
     forward_s = time.perf_counter() - started
+    if hasattr(model, "close"):  # an engine holding native memory (llama.cpp)
+        model.close()
     target_lp, kld = torch.cat(lps), torch.cat(klds)
     save_file({"target_logprob": target_lp, "kld": kld}, str(out / "per_token.safetensors"))
     metrics = summarise(target_lp, kld, torch.cat(tops), baseline.result["ppl"])

@@ -1,4 +1,7 @@
-"""gate: compare a variant's metrics with its thresholds (pure; not cached, it costs nothing)."""
+"""gate: compare a variant's metrics with its thresholds (pure; not cached, it costs nothing).
+
+GGUF variants also carry the shared fidelity checks (``gguf_fidelity``): a tokenizer mismatch or
+an inexact conversion fails every one of them."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ def run(ctx, stage, inputs, out=None) -> dict:
     metrics = inputs[f"evaluate/{name}"].result["metrics"]
     gate = Gate(**stage.params["gate"])
     checks = gate.check(metrics)
+    if "gguf/fidelity" in inputs:
+        checks += inputs["gguf/fidelity"].result["checks"]
     return {"passed": all(c["passed"] for c in checks), "checks": checks, "thresholds": gate.model_dump()}
 
 

@@ -42,11 +42,13 @@ def build_manifest(ctx, stage, inputs) -> dict[str, Any]:
         "calibration": None,
     }
     settings = stages[f"quantize/{name}"].params.get("calibration")
+    for upstream in stages[f"quantize/{name}"].inputs:  # GGUF: calibration feeds the importance matrix
+        settings = settings or stages[upstream].params.get("calibration")
     if settings is not None:
         cal = recipe.calibration
         source = {"path": str(cal.path)} if cal.path is not None else {"dataset": cal.dataset.model_dump(exclude_none=True)}
         data["calibration"] = {**source, **settings}
-    return {
+    manifest = {
         "manifest_version": MANIFEST_VERSION,
         "model": stage.params["model"],
         "variant": name,
@@ -69,6 +71,15 @@ def build_manifest(ctx, stage, inputs) -> dict[str, Any]:
         },
         "gate": inputs[f"gate/{name}"].result,
     }
+    if f"speed/{name}" in inputs:
+        manifest["speed"] = inputs[f"speed/{name}"].result
+    if "gguf/fidelity" in inputs:
+        fidelity = inputs["gguf/fidelity"].result
+        manifest["fidelity"] = {k: fidelity[k] for k in ("tokenizer", "f16_mean_kld", "f16_max_kld", "max_kld")}
+    if quant.result.get("tensor_types") is not None:
+        manifest["gguf"] = {k: quant.result[k] for k in
+                            ("files", "file_type", "tensor_types", "metadata", "imatrix_sha256", "conversion")}
+    return manifest
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -1,0 +1,295 @@
+"""GGUF files for llama.cpp, made and measured by llama.cpp itself.
+
+Everything goes through the pinned toolchain (``pipeline.toolchains.llamacpp``):
+
+- conversion: llama.cpp's ``convert_hf_to_gguf.py`` (run in place, in a subprocess), once per
+  model into F16 (and BF16 when a variant asks for it), with the recipe's metadata overrides;
+- importance matrix: ``llama-imatrix`` over the recipe's calibration text;
+- quantization: ``llama-quantize`` (the built tool rather than the in-process binding
+  ``llama_model_quantize``: both give the same tensors, but a crash in the tool cannot take the
+  pipeline down, and the tool takes per-tensor overrides and metadata overrides directly);
+- splitting: ``llama-gguf-split`` (``-00001-of-0000N.gguf`` naming);
+- evaluation: llama.cpp's own forward pass through llama-cpp-python (``logits_all``), so the
+  numbers are what a llama.cpp replica computes;
+- speed: ``llama-bench`` (prompt processing and generation tokens/s, median of repetitions).
+
+The real per-tensor types of every file are read back with ``gguf``'s reader: small models whose
+rows are not multiples of 256 get simpler types than the file type's name says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pipeline.backends.base import Backend, FormatInfo
+from pipeline.errors import RecipeError, StageError, ToolError
+from pipeline.recipe.variants import GGUF_TYPES
+from pipeline.toolchains import llamacpp as toolchain
+
+EVALUATION = ("llama.cpp's own forward pass on the CPU (llama-cpp-python over the pinned llama.cpp, all "
+              "logits): weights and activations exactly as a llama.cpp replica computes them")
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    distributions = (("llama_cpp", "llama-cpp-python"),)
+    extra = "gguf"
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        # The toolchain version names the bindings' version, llama.cpp's commit and build flags.
+        return ("llama.cpp",)
+
+    def check_environment(self) -> None:
+        toolchain.find()
+
+    def describe(self, variant: Any) -> FormatInfo:
+        return FormatInfo(
+            format="gguf",
+            scheme=variant.type,
+            weight_bits=GGUF_TYPES[variant.type],
+            engines=("llama.cpp",),
+            min_compute_capability=None,
+            serve={"llama.cpp": "llama-server -m {path}/{file}"},
+            cpu_evaluation=EVALUATION,
+        )
+
+    def check_variant(self, variant: Any, model_config: Any) -> None:
+        architectures = list(getattr(model_config, "architectures", None) or [])
+        supported = supported_architectures()
+        if architectures and not any(a in supported for a in architectures):
+            chain = toolchain.find()
+            raise RecipeError(
+                f"architecture {', '.join(architectures)} is not supported by llama.cpp's converter "
+                f"(llama.cpp {chain.commit[:7]}, llama-cpp-python {toolchain.BINDINGS_VERSION})",
+                field="type", fix="drop the GGUF variants or use a model llama.cpp supports",
+            )
+
+    def quantize(self, variant, source, out, *, calibration, device):  # pragma: no cover - see gguf stages
+        raise StageError("GGUF variants are built by the gguf_* stages, not the generic quantize stage")
+
+    def load_for_eval(self, path: Path, device: str) -> Any:
+        return LlamaEval(gguf_file(path))
+
+    def forward(self, model: Any):
+        return model
+
+
+class LlamaEval:
+    """Next-token logits of a GGUF model for one window of token ids, computed by llama.cpp.
+
+    The context is created on the first call, sized to the window (the whole window is one
+    batch, so every position's logits come from one decode, as in llama-perplexity).
+    """
+
+    def __init__(self, path: Path, threads: int | None = None):
+        self.path = path
+        self.threads = threads or max(1, os.cpu_count() or 1)
+        self.llm = None
+
+    def __call__(self, ids):
+        import numpy as np
+        import torch
+
+        tokens = [int(t) for t in ids.reshape(-1).tolist()]
+        if self.llm is None or self.llm.n_ctx() < len(tokens):
+            llama_cpp = toolchain.import_bindings(toolchain.find())
+            self.close()
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path), n_ctx=len(tokens), n_batch=len(tokens), n_ubatch=len(tokens),
+                logits_all=True, n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
+            )
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return torch.from_numpy(np.array(self.llm.scores[: len(tokens)], dtype=np.float32, copy=True))
+
+    def close(self) -> None:
+        """Free llama.cpp's model and context now (not at interpreter exit, where the bindings'
+        finalisers fail noisily)."""
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def gguf_file(folder: Path) -> Path:
+    """The model file in a stage's output folder (the first shard when split)."""
+    files = sorted(p for p in folder.glob("*.gguf") if not p.name.startswith("imatrix"))
+    if not files:
+        raise StageError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def file_name(meta: dict[str, Any], type_name: str) -> str:
+    """The GGUF spec's file name: ``<BaseName>-<SizeLabel>-<FineTune>-<Version>-<Type>.gguf``.
+
+    Absent parts are left out; spaces become dashes (the spec's naming convention).
+    """
+    parts = [meta.get("general.basename") or meta.get("general.name") or "model", meta.get("general.size_label"),
+             meta.get("general.finetune"), meta.get("general.version"), type_name]
+    return "-".join(str(p).strip().replace(" ", "-") for p in parts if p) + ".gguf"
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """String and number ``general.*``/``tokenizer.ggml.*`` metadata and the tensor type counts."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    meta: dict[str, Any] = {}
+    for field in reader.fields.values():
+        if field.name.startswith(("general.", "tokenizer.ggml.pre", "tokenizer.ggml.model", "tokenizer.chat_template",
+                                  "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "split.")):
+            try:
+                meta[field.name] = field.contents()
+            except Exception:  # noqa: BLE001 - arrays of structs etc. are not needed here
+                continue
+    types = Counter(t.tensor_type.name.lower() for t in reader.tensors)
+    meta["tensor_types"] = dict(sorted(types.items(), key=lambda kv: -kv[1]))
+    meta["tensor_count"] = len(reader.tensors)
+    return meta
+
+
+# --- tools ------------------------------------------------------------------------------------
+
+
+def supported_architectures() -> frozenset[str]:
+    """Model classes llama.cpp's converter maps (``--print-supported-models``), remembered per
+    toolchain in its folder."""
+    chain = toolchain.find()
+    memo = chain.root / "supported-models.json"
+    if memo.exists():
+        return frozenset(json.loads(memo.read_text()))
+    proc = _run([sys.executable, str(chain.converter), "--print-supported-models"], env=chain.converter_env(),
+                what="listing the converter's architectures")
+    names = sorted(set(re.findall(r"^\s*-\s*([A-Za-z0-9_]+)\s*$", proc.stdout + proc.stderr, flags=re.M)))
+    if not names:
+        raise StageError("llama.cpp's converter listed no supported architectures (--print-supported-models)")
+    memo.write_text(json.dumps(names))
+    return frozenset(names)
+
+
+def convert(checkpoint: Path, out_file: Path, outtype: str, metadata: dict[str, Any],
+            license: str | None = None) -> None:
+    """HF checkpoint → GGUF with llama.cpp's converter.
+
+    ``metadata`` holds the converter's ``--metadata`` overrides. The license is not one of them:
+    the converter reads it from the model card, so a checkpoint without a ``README.md`` is given a
+    minimal card (front matter ``license:``) in a folder of links to its files.
+
+    Raises:
+        ToolError: the converter cannot map the model (architecture or tokenizer), with its reason.
+    """
+    chain = toolchain.find()
+    work = out_file.parent / ".convert-input"
+    work.mkdir()
+    try:
+        for item in checkpoint.iterdir():
+            (work / item.name).symlink_to(item.resolve())
+        if license and not (work / "README.md").exists():
+            (work / "README.md").write_text(f"---\nlicense: {license}\n---\n", encoding="utf-8")
+        override = work / ".metadata-override.json"
+        override.write_text(json.dumps(metadata))
+        _run([sys.executable, str(chain.converter), str(work), "--outfile", str(out_file), "--outtype", outtype,
+              "--metadata", str(override)],
+             env=chain.converter_env(), what="llama.cpp's converter", explain=_converter_failure)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _converter_failure(output: str) -> str | None:
+    chain = toolchain.find()
+    version = f"llama.cpp {chain.commit[:7]}"
+    m = re.search(r"Model (\S+) is not supported", output)
+    if m:
+        return f"architecture {m.group(1)} is not supported by {version}'s converter"
+    if "BPE pre-tokenizer was not recognized" in output or "pre-tokenizer" in output and "not recognized" in output:
+        return (f"the model's tokenizer cannot be mapped by {version}'s converter (BPE pre-tokenizer not "
+                "recognized: its hash is not in the converter's table)")
+    return None
+
+
+def imatrix(model: Path, text: Path, out: Path, *, ctx: int, chunks: int, threads: int) -> str:
+    """``llama-imatrix``: importance matrix of ``model`` over ``text``; returns the tool's log tail."""
+    tool = toolchain.find().tool("llama-imatrix")
+    proc = _run([str(tool), "-m", str(model), "-f", str(text), "-o", str(out), "-c", str(ctx), "--chunks",
+                 str(chunks), "-t", str(threads), "-b", str(ctx), "--no-ppl"], what="llama-imatrix")
+    return (proc.stderr or "")[-500:]
+
+
+def quantize(source: Path, out_file: Path, variant, *, imatrix_file: Path | None, overrides: dict[str, str],
+             threads: int) -> None:
+    """``llama-quantize`` with the variant's type, importance matrix and per-tensor types."""
+    tool = toolchain.find().tool("llama-quantize")
+    cmd = [str(tool)]
+    if imatrix_file is not None:
+        cmd += ["--imatrix", str(imatrix_file)]
+    for pattern, ggml_type in sorted(variant.tensor_types.items()):
+        cmd += ["--tensor-type", f"{pattern}={ggml_type}"]
+    if variant.output_type:
+        cmd += ["--output-tensor-type", variant.output_type]
+    if variant.token_embedding_type:
+        cmd += ["--token-embedding-type", variant.token_embedding_type]
+    for key, value in sorted(overrides.items()):
+        cmd += ["--override-kv", f"{key}=str:{value}"]
+    cmd += [str(source), str(out_file), variant.type, str(threads)]
+    _run(cmd, what="llama-quantize")
+
+
+def split(path: Path, max_size: str) -> list[Path]:
+    """Split ``path`` into ``<stem>-0000i-of-0000N.gguf`` files of at most ``max_size``; the
+    unsplit file is removed. A file already under the limit stays whole."""
+    size = path.stat().st_size
+    limit = int(max_size[:-1]) * (1024**3 if max_size.endswith("G") else 1024**2)
+    if size <= limit:
+        return [path]
+    tool = toolchain.find().tool("llama-gguf-split")
+    prefix = path.with_suffix("")
+    _run([str(tool), "--split", "--split-max-size", max_size, str(path), str(prefix)], what="llama-gguf-split")
+    path.unlink()
+    return sorted(path.parent.glob(f"{prefix.name}-*-of-*.gguf"))
+
+
+def bench(path: Path, *, threads: int, prompt_tokens: int, gen_tokens: int, repetitions: int) -> dict[str, Any]:
+    """``llama-bench``: median prompt-processing and generation tokens/s over the repetitions."""
+    tool = toolchain.find().tool("llama-bench")
+    proc = _run([str(tool), "-m", str(path), "-t", str(threads), "-p", str(prompt_tokens), "-n", str(gen_tokens),
+                 "-r", str(repetitions), "-o", "json"], what="llama-bench")
+    try:
+        rows = json.loads(proc.stdout)
+    except ValueError:
+        raise StageError(f"llama-bench printed no JSON: {proc.stdout[-300:]}") from None
+    out: dict[str, Any] = {"threads": threads, "repetitions": repetitions}
+    for row in rows:
+        samples = row.get("samples_ts") or [row["avg_ts"]]
+        if row.get("n_prompt", 0) > 0 and row.get("n_gen", 0) == 0:
+            out[f"pp{row['n_prompt']}_tps"] = round(statistics.median(samples), 2)
+        elif row.get("n_gen", 0) > 0 and row.get("n_prompt", 0) == 0:
+            out[f"tg{row['n_gen']}_tps"] = round(statistics.median(samples), 2)
+        out.setdefault("cpu", row.get("cpu_info"))
+        out.setdefault("backend", row.get("backends"))
+    return out
+
+
+def _run(cmd: list[str], *, what: str, env: dict | None = None, explain=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        output = f"{proc.stdout}\n{proc.stderr}"
+        reason = explain(output) if explain is not None else None
+        if reason is not None:
+            raise ToolError(reason, fix="see llama.cpp's supported models; the GGUF variants cannot be built")
+        lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip() and "%|" not in ln]
+        # The error lines, not the progress bars or the traceback's source lines.
+        errors = [ln for ln in lines if re.search(r"error|Error|failed|cannot|unable", ln)]
+        raise StageError(f"{what} failed (exit {proc.returncode}): {' | '.join((errors or lines)[-2:])}")
+    return proc

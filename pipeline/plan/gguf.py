@@ -1,0 +1,163 @@
+"""The GGUF part of the build DAG (llamacpp variants).
+
+::
+
+    fetch ──► gguf/convert-f16 ──┬──► gguf/imatrix ──┐
+      │                          ├──► quantize/<v> ◄─┘ ──► evaluate/<v> ──► gate/<v> ──► publish/<v>
+      │                          │         └────────────► speed/<v> ───────────────────────┘
+      └─► baseline ──────────────┴──► gguf/fidelity ──────────────────────► (every GGUF gate)
+
+One F16 conversion serves every type (BF16 gets its own conversion); one importance matrix per
+calibration setting serves every type that uses it; the fidelity checks (tokenizer, F16 vs the
+baseline) run once and gate every GGUF variant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from pipeline.plan.stage import Stage
+from pipeline.stages import VERSIONS
+
+TOOLS = ("llama.cpp",)
+CONVERT_TOOLS = ("llama.cpp", "transformers", "torch")
+# Strings every tokenizer check covers beside the eval text: whitespace runs, unicode, digits,
+# special tokens, byte sequences that are not valid words.
+AWKWARD_STRINGS = (
+    "Hello  world\t\ttabs\n\n\nnewlines\r\n",
+    "   leading spaces", "trailing spaces   ", " ", "\n",
+    "naïve café Ünïcödé ß ﬁ 日本語 中文 한국어 Ελληνικά русский العربية עברית",
+    "emoji 🙂👍🏽 🇫🇷 ZWJ 👩‍👩‍👧",
+    "1234567890 3.14159 1,000,000 0x1F 2026-11-28",
+    "don't won't I'm you're we've they'll she'd",
+    "\u00a0nbsp\u200bzero-width\u2028line-sep",
+    "x" * 64, "!!!???...,,,;;;",
+    "def f(x):\n    return x ** 2  # code\n",
+)
+
+
+def gguf_stages(recipe, variant, data: dict[str, str], calibration: dict[str, Any] | None, eval_params: dict,
+                existing: set[str], cpu: str) -> list[Stage]:
+    """The stages one llamacpp variant needs, shared ones first (those already in ``existing``
+    are left out)."""
+    stages: list[Stage] = []
+
+    def add(stage: Stage) -> Stage:
+        if stage.id not in existing:
+            existing.add(stage.id)
+            stages.append(stage)
+        return stage
+
+    metadata = converter_metadata(recipe)
+    license = recipe.source.license
+    f16 = add(_convert("f16", metadata, license))
+    base = add(_convert("bf16", metadata, license)) if variant.type == "BF16" else f16
+    add(Stage(
+        id="gguf/fidelity",
+        kind="gguf_fidelity",
+        params={"max_kld": recipe.gguf.fidelity.max_kld, "strings": list(AWKWARD_STRINGS) + recipe.gguf.fidelity.strings,
+                **eval_params},
+        inputs=(f16.id, "baseline", "fetch"),
+        tools=("llama.cpp", "transformers"),
+        version=VERSIONS["gguf_fidelity"],
+    ))
+    quantize_inputs = [base.id]
+    if variant.uses_imatrix():
+        digest = hashlib.sha256(repr(sorted(calibration.items())).encode()).hexdigest()[:8]
+        imatrix = add(Stage(
+            id=f"gguf/imatrix-{digest}",
+            kind="gguf_imatrix",
+            params={"calibration": {"sha256": data["calibration"], **calibration}},
+            inputs=(f16.id, "fetch"),
+            tools=TOOLS + ("transformers",),
+            version=VERSIONS["gguf_imatrix"],
+        ))
+        quantize_inputs.append(imatrix.id)
+    name = variant.name
+    quantize = add(Stage(
+        id=f"quantize/{name}",
+        kind="gguf_quantize",
+        params={"backend": variant.backend, "options": variant.backend_params(), "base": base.id},
+        inputs=tuple(quantize_inputs),
+        tools=TOOLS,
+        version=VERSIONS["gguf_quantize"],
+    ))
+    evaluate = add(Stage(
+        id=f"evaluate/{name}",
+        kind="evaluate",
+        params={**eval_params, "backend": variant.backend},
+        inputs=(quantize.id, "baseline"),
+        tools=TOOLS + ("torch",),
+        version=VERSIONS["evaluate"],
+    ))
+    speed = add(Stage(
+        id=f"speed/{name}",
+        kind="gguf_speed",
+        # The CPU enters the key: figures measured on another machine are not this one's.
+        params={**recipe.gguf.speed.model_dump(), "cpu": cpu},
+        inputs=(quantize.id,),
+        tools=TOOLS,
+        version=VERSIONS["gguf_speed"],
+    ))
+    gate = add(Stage(
+        id=f"gate/{name}",
+        kind="gate",
+        params={"gate": recipe.eval.gate.merged(variant.gate).model_dump()},
+        inputs=(evaluate.id, "gguf/fidelity"),
+        version=VERSIONS["gate"],
+        cached=False,
+    ))
+    add(Stage(
+        id=f"publish/{name}",
+        kind="publish",
+        params={"model": recipe.model_name, "variant": name},
+        inputs=(quantize.id, evaluate.id, gate.id, "baseline", "fetch", speed.id, "gguf/fidelity"),
+        version=VERSIONS["publish"],
+        cached=False,
+    ))
+    return stages
+
+
+def _convert(outtype: str, metadata: dict[str, Any], license: str | None) -> Stage:
+    return Stage(
+        id=f"gguf/convert-{outtype}",
+        kind="gguf_convert",
+        params={"outtype": outtype, "metadata": metadata, "license": license},
+        inputs=("fetch",),
+        tools=CONVERT_TOOLS,
+        version=VERSIONS["gguf_convert"],
+    )
+
+
+def converter_metadata(recipe) -> dict[str, Any]:
+    """The converter's ``--metadata`` overrides (GGUF ``general.*`` keys) from the recipe."""
+    meta = recipe.gguf.metadata
+    source = recipe.source
+    base_model = meta.base_model or (source.repo if source.kind == "hub" else None)
+    out: dict[str, Any] = {
+        "general.name": meta.name or recipe.model_name,
+        "general.basename": meta.basename or (meta.name or recipe.model_name).replace(" ", "-"),
+        "general.quantized_by": meta.quantized_by,
+    }
+    for key, value in (("general.finetune", meta.finetune), ("general.version", meta.version),
+                       ("general.size_label", meta.size_label)):
+        if value:
+            out[key] = value
+    if base_model:
+        org, _, name = base_model.partition("/")
+        out["general.base_models"] = [{"name": name, "organization": org, "repo_url": f"https://huggingface.co/{base_model}"}]
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (speed figures belong to it)."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

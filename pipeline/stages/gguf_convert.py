@@ -1,0 +1,26 @@
+"""gguf_convert: the fetched checkpoint → one GGUF file (F16 or BF16) with llama.cpp's converter.
+
+Shared by every GGUF type of the model; the recipe's metadata overrides go in here, and the file
+is named per the GGUF spec from the metadata the converter wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.backends import llamacpp
+
+
+def run(ctx, stage, inputs, out: Path) -> dict:
+    outtype = stage.params["outtype"]
+    tmp = out / f".convert-{outtype}.gguf"
+    llamacpp.convert(inputs["fetch"].data, tmp, outtype, stage.params["metadata"], stage.params["license"])
+    meta = llamacpp.read_metadata(tmp)
+    final = out / llamacpp.file_name(meta, outtype.upper())
+    tmp.rename(final)
+    return {"file": final.name, "size_bytes": final.stat().st_size, "metadata": _plain(meta)}
+
+
+def _plain(meta: dict) -> dict:
+    """Metadata without the (long) chat template, for results and manifests."""
+    return {k: v for k, v in meta.items() if k != "tokenizer.chat_template"}

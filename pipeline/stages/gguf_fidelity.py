@@ -1,0 +1,77 @@
+"""gguf_fidelity: is the F16 GGUF the same model as the checkpoint? Two checks, each failing
+every GGUF variant's gate when it fails:
+
+- tokenizer: llama.cpp's tokenizer (from the GGUF's vocabulary) gives the same ids as the
+  checkpoint's Hugging Face tokenizer on the whole eval text and on awkward strings (whitespace
+  runs, unicode, digits, special tokens);
+- conversion: the F16 file's next-token distributions, computed by llama.cpp, match the baseline's
+  (mean KL divergence at most ``max_kld``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.backends import llamacpp
+from pipeline.quality.corpus import read_text
+from pipeline.quality.reference import Reference
+from pipeline.quality.runner import window_logprobs
+from pipeline.toolchains import llamacpp as toolchain
+
+
+def run(ctx, stage, inputs, out: Path) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    p = stage.params
+    model = llamacpp.gguf_file(inputs[stage.inputs[0]].data)
+    hf = AutoTokenizer.from_pretrained(inputs["fetch"].data, trust_remote_code=ctx.recipe.source.trust_remote_code)
+    texts = [read_text(ctx.recipe.eval.corpus, what="eval.corpus"), *p["strings"]]
+    tokenizer = compare_tokenizers(model, hf, texts)
+
+    ref = Reference(inputs["baseline"].data)
+    engine = llamacpp.LlamaEval(model)
+    klds = []
+    with ctx.reporter.steps("fidelity: F16 GGUF vs baseline", ref.tokens.shape[0]) as advance:
+        for i, (logprobs, next_ids) in enumerate(window_logprobs(engine, ref.tokens, "cpu")):
+            klds.append(ref.compare(i, logprobs, next_ids)[1])
+            advance(1)
+    engine.close()
+    kld = torch.cat(klds)
+    mean_kld = float(kld.mean())
+    return {
+        "tokenizer": tokenizer,
+        "f16_mean_kld": mean_kld,
+        "f16_max_kld": float(kld.max()),
+        "max_kld": p["max_kld"],
+        "checks": [
+            {"metric": "gguf_tokenizer_mismatches", "value": tokenizer["mismatches"], "op": "<=", "threshold": 0,
+             "passed": tokenizer["mismatches"] == 0},
+            {"metric": "gguf_f16_mean_kld", "value": mean_kld, "op": "<=", "threshold": p["max_kld"],
+             "passed": mean_kld <= p["max_kld"]},
+        ],
+    }
+
+
+def compare_tokenizers(model: Path, hf, texts: list[str]) -> dict:
+    """Token ids of each text from llama.cpp (the GGUF's vocabulary) and from ``hf``.
+
+    Returns:
+        ``{texts, tokens, mismatches, first: [{text, position, gguf, hf}]}`` (first three).
+    """
+    llama_cpp = toolchain.import_bindings(toolchain.find())
+    vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        first, mismatches, total = [], 0, 0
+        for text in texts:
+            ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            theirs = hf(text, add_special_tokens=False)["input_ids"]
+            total += len(theirs)
+            if ours != theirs:
+                mismatches += 1
+                at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                if len(first) < 3:
+                    first.append({"text": text[:60], "position": at, "gguf": ours[at : at + 5], "hf": theirs[at : at + 5]})
+    finally:
+        vocab.close()
+    return {"texts": len(texts), "tokens": total, "mismatches": mismatches, "first": first}

@@ -1,0 +1,34 @@
+"""gguf_imatrix: llama.cpp's importance matrix over the recipe's calibration samples.
+
+The samples are drawn exactly as for every other calibrated variant (same windows, same seed),
+decoded back to text for ``llama-imatrix``, which re-tokenizes them with the GGUF's own tokenizer
+(identical to the model's, as the fidelity stage checks) in chunks of ``seq_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.backends import llamacpp
+from pipeline.quality.calibration import calibration_samples
+
+
+def run(ctx, stage, inputs, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    settings = stage.params["calibration"]
+    checkpoint = inputs["fetch"].data
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=ctx.recipe.source.trust_remote_code)
+    samples = calibration_samples(ctx.recipe.calibration, samples=settings["samples"], seq_len=settings["seq_len"],
+                                  seed=settings["seed"], tokenizer=tokenizer)
+    text = out / ".calibration.txt"
+    text.write_text("".join(tokenizer.decode(ids) for ids in samples), encoding="utf-8")
+    model = llamacpp.gguf_file(inputs[stage.inputs[0]].data)
+    target = out / "imatrix.gguf"
+    threads = max(1, os.cpu_count() or 1)
+    with ctx.reporter.steps("llama-imatrix", 1) as advance:
+        llamacpp.imatrix(model, text, target, ctx=settings["seq_len"], chunks=settings["samples"], threads=threads)
+        advance(1)
+    text.unlink()
+    return {"file": target.name, "chunks": settings["samples"], "ctx": settings["seq_len"], "threads": threads}

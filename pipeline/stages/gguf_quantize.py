@@ -1,0 +1,47 @@
+"""gguf_quantize: one GGUF type from the shared conversion with llama-quantize (F16/BF16 are the
+conversion itself), split when above the variant's size limit, real tensor types read back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.backends import get_backend, llamacpp
+from pipeline.hashing import sha256_file
+
+
+def run(ctx, stage, inputs, out: Path) -> dict:
+    name = stage.id.split("/", 1)[1]
+    variant = ctx.variant(name)
+    base = llamacpp.gguf_file(inputs[stage.params["base"]].data)
+    meta = llamacpp.read_metadata(base)
+    target = out / llamacpp.file_name(meta, variant.type)
+    imatrix = None
+    if variant.type in ("F16", "BF16"):
+        shutil.copyfile(base, target)
+    else:
+        imatrix_ids = [i for i in stage.inputs if i.startswith("gguf/imatrix")]
+        if imatrix_ids:
+            imatrix = inputs[imatrix_ids[0]].data / "imatrix.gguf"
+        tmp = out / f".{target.name}.tmp"
+        llamacpp.quantize(base, tmp, variant, imatrix_file=imatrix, overrides={},
+                          threads=max(1, os.cpu_count() or 1))
+        tmp.rename(target)
+    quantized = llamacpp.read_metadata(target)
+    files = [target]
+    if variant.split_max_size:
+        files = llamacpp.split(target, variant.split_max_size)
+    info = asdict(get_backend("llamacpp").describe(variant))
+    info["serve"] = {engine: cmd.replace("{file}", files[0].name) for engine, cmd in info["serve"].items()}
+    return {
+        "format": info,
+        "size_bytes": sum(f.stat().st_size for f in files),
+        "files": [f.name for f in files],
+        "file_type": quantized.get("general.file_type"),
+        "tensor_types": quantized["tensor_types"],
+        "metadata": {k: v for k, v in quantized.items() if k.startswith("general.")},
+        "imatrix_sha256": sha256_file(imatrix) if imatrix is not None else None,
+        "conversion": inputs[stage.params["base"]].result["file"],
+    }
