@@ -47,3 +47,25 @@ def single_variant_recipe(recipe: Path, name: str, folder: Path) -> Path:
     path = folder / f"{name}-only.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+# The start of a child script that runs single stages of a recipe outside `modelbuild run`:
+# argv[1:4] = recipe, shared cache, scratch folder; defines `prepared`, `plan`, `ctx` and `fetch`
+# (the recipe's fetch stage, from the shared cache). Stages built from it go into the scratch cache.
+STAGE_SCRIPT_PROLOGUE = """
+import sys, json
+from pathlib import Path
+from pipeline.cache.store import CacheStore
+from pipeline.orchestrate import prepare
+from pipeline.progress import Reporter
+from pipeline.stages import runner
+from pipeline.stages.context import RunContext, StageInput
+recipe, cache, scratch = sys.argv[1:4]
+reporter = Reporter()
+prepared = prepare(Path(recipe), cache_dir=Path(cache), storage=None, reporter=reporter)
+plan = prepared.plan
+ctx = RunContext(loaded=prepared.loaded, source=plan.source, storage_root=Path(scratch), requested_device="cpu",
+                 reporter=reporter, plan=plan)
+fetch = prepared.store.get(plan.by_id()["fetch"].key)
+assert fetch is not None, "run the recipe's fetch stage first"
+"""

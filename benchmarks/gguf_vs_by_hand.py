@@ -24,24 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import REPO, measure
+from _common import REPO, STAGE_SCRIPT_PROLOGUE, measure
 
-MODELBUILD = """
-import sys, json
-from pathlib import Path
-from pipeline.cache.store import CacheStore
-from pipeline.orchestrate import prepare
-from pipeline.progress import Reporter
-from pipeline.stages import runner
-from pipeline.stages.context import RunContext, StageInput
-recipe, cache, scratch = sys.argv[1:4]
-reporter = Reporter()
-prepared = prepare(Path(recipe), cache_dir=Path(cache), storage=None, reporter=reporter)
-plan = prepared.plan
-ctx = RunContext(loaded=prepared.loaded, source=plan.source, storage_root=Path(scratch), requested_device="cpu",
-                 reporter=reporter, plan=plan)
-fetch = prepared.store.get(plan.by_id()["fetch"].key)
-assert fetch is not None, "run the recipe's fetch stage first"
+MODELBUILD = STAGE_SCRIPT_PROLOGUE + """
 store = CacheStore(Path(scratch))
 done = {"fetch": StageInput(fetch.result, fetch)}
 for stage in plan.stages:

@@ -26,25 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import REPO, measure, single_variant_recipe
+from _common import REPO, STAGE_SCRIPT_PROLOGUE, measure, single_variant_recipe
 
-MODELBUILD = """
-import sys, json
-from pathlib import Path
-from pipeline.cache.store import CacheStore
-from pipeline.orchestrate import prepare
-from pipeline.progress import Reporter
-from pipeline.stages import runner
-from pipeline.stages.context import RunContext, StageInput
-recipe, cache, scratch, variant = sys.argv[1:5]
-reporter = Reporter()
-prepared = prepare(Path(recipe), cache_dir=Path(cache), storage=None, reporter=reporter)
-plan = prepared.plan
-ctx = RunContext(loaded=prepared.loaded, source=plan.source, storage_root=Path(scratch), requested_device="cpu",
-                 reporter=reporter, plan=plan)
-# fetch comes from the shared cache; the quantize stage is built in a scratch cache.
-fetch = prepared.store.get(plan.by_id()["fetch"].key)
-assert fetch is not None, "run the recipe's fetch stage first"
+MODELBUILD = STAGE_SCRIPT_PROLOGUE + """
+variant = sys.argv[4]
+# the quantize stage is built in a scratch cache.
 stage = plan.by_id()[f"quantize/{variant}"]
 inputs = {"fetch": StageInput(fetch.result, fetch)}
 out = CacheStore(Path(scratch)).put(stage.key, lambda o: runner("quantize").run(ctx, stage, inputs, o), {})

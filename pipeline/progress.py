@@ -21,7 +21,8 @@ class Reporter:
 
     def stage(self, index: int, total: int, stage_id: str, status: str, seconds: float | None = None) -> None:
         timing = f" [dim]{seconds:.1f}s[/dim]" if seconds is not None else ""
-        self.console.print(f"[{index}/{total}] {stage_id}: {status}{timing}", highlight=False)
+        # soft_wrap: a published path stays on its line (and greppable) in narrow or piped output
+        self.console.print(f"[{index}/{total}] {stage_id}: {status}{timing}", highlight=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)

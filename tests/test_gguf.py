@@ -113,15 +113,17 @@ def test_gguf_types_build_evaluate_and_publish(cli, dirs, tmp_path, tiny_smol, w
     assert "im_start" in meta["tokenizer.chat_template"] and meta["tokenizer.ggml.pre"] == "smollm"
     # The overrides took effect (token embeddings at q8_0, attn_v at q4_1: K-types fall back on
     # 64-wide rows) and the imatrix was used.
-    from gguf import GGUFReader
+    from pipeline.backends.llamacpp import tensor_types
 
-    types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(_published(dirs["storage"], "gguf-q4km")
-                                                                       / q4["files"][0]).tensors}
+    types = tensor_types(_published(dirs["storage"], "gguf-q4km") / q4["files"][0])
     assert types["token_embd.weight"] == "q8_0"
     assert types["blk.0.attn_v.weight"] == types["blk.1.attn_v.weight"] == "q4_1"
     assert sum(q4["tensor_types"].values()) == len(types)
     assert q4["imatrix_sha256"] and manifests["gguf-q4km-plain"]["gguf"]["imatrix_sha256"] is None
     assert manifests["gguf-q4km"]["data"]["calibration"]["samples"] == 4
+    # The importance matrix is recorded by name, not by a path on the build machine.
+    assert meta["quantize.imatrix.file"] == "imatrix.gguf"
+    assert meta["quantize.imatrix.dataset"] == "valid.txt-4x128-seed0.txt"
     assert manifests["gguf-f16"]["gguf"]["tensor_types"].keys() <= {"f16", "f32"}
     # A rerun does nothing.
     code, _, err = cli("run", recipe)

@@ -51,7 +51,9 @@ def test_fp4_rounding_matches_compressed_tensors_on_every_tie():
 
     # Every multiple of 1/64 in ±7 (each tie and both sides of it), zeros, and random values.
     grid = torch.arange(-7 * 64, 7 * 64 + 1, dtype=torch.float32) / 64
-    x = torch.cat([grid, torch.tensor([0.0, -0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -5.0]),
+    edges = [0.0, -0.0, 1e-40, -1e-40, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -5.0, 1.9999999, 3.9999998, 1e6]
+    x = torch.cat([grid, torch.tensor(edges), torch.nextafter(torch.tensor(edges), torch.tensor(10.0)),
+                   torch.nextafter(torch.tensor(edges), torch.tensor(-10.0)),
                    torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 3])
     expected = cast_to_fp4(x.clamp(-6.0, 6.0))
     assert torch.equal(round_to_fp4(x.clone()), expected)

@@ -153,13 +153,15 @@ def round_to_fp4(t):
 
     E2M1 is evenly spaced within each binade: steps of 0.5 below 2, 1 in [2, 4), 2 in [4, 6].
     Dividing by the step (a power of two, so exact), rounding half to even and multiplying back
-    gives the same value as the library's eight masked comparisons, at a fifth of the cost. Works
-    in place on ``t`` (a fresh temporary in the caller).
+    gives the same value as the library's eight masked comparisons. The step comes from the
+    float's exponent bits (``2 ** (clamp(floor(log2 m), 0, 2) - 1)``, built as a float32 bit
+    pattern), which makes the whole rounding a third of the library's cost. Works in place on
+    ``t`` (a fresh temporary in the caller); ``t`` must be float32.
     """
     import torch
 
     t = t.clamp_(-6.0, 6.0)
     magnitude = t.abs()
-    # step = 0.5 * 2 ** ([m >= 2] + [m >= 4]): two comparisons, no nested where.
-    step = torch.ge(magnitude, 2.0).float().add_(torch.ge(magnitude, 4.0).float()).exp2_().mul_(0.5)
+    # Biased exponent 127..129 (m < 2, [2, 4), [4, 8)) minus 1, shifted back into place: 0.5, 1, 2.
+    step = (magnitude.view(torch.int32) >> 23).clamp_(127, 129).sub_(1).bitwise_left_shift_(23).view(torch.float32)
     return magnitude.div_(step).round_().mul_(step).copysign_(t)

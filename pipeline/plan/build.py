@@ -96,12 +96,13 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, sto
     stages += [fetch, baseline]
 
     existing = {s.id for s in stages}
+    cpu = cpu_model()
     for variant in recipe.variants:
-        backend = get_backend(variant.backend)
         if variant.backend == "llamacpp":
             cal = calibration_settings(recipe, variant) if variant.needs_calibration() else None
-            stages += gguf_stages(recipe, variant, data, cal, eval_params, existing, cpu_model())
+            stages += gguf_stages(recipe, variant, data, cal, eval_params, existing, cpu)
             continue
+        backend = get_backend(variant.backend)
         params: dict[str, Any] = {"backend": variant.backend, "options": variant.backend_params()}
         if variant.needs_calibration():
             params["calibration"] = {"sha256": data["calibration"], **calibration_settings(recipe, variant)}

@@ -17,8 +17,8 @@ VERSIONS: dict[str, int] = {
     "publish": 1,
     "gguf_convert": 1,
     "gguf_fidelity": 1,
-    "gguf_imatrix": 1,
-    "gguf_quantize": 1,
+    "gguf_imatrix": 2,
+    "gguf_quantize": 2,
     "gguf_speed": 1,
 }
 

@@ -22,7 +22,10 @@ def run(ctx, stage, inputs, out: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=ctx.recipe.source.trust_remote_code)
     samples = calibration_samples(ctx.recipe.calibration, samples=settings["samples"], seq_len=settings["seq_len"],
                                   seed=settings["seed"], tokenizer=tokenizer)
-    text = out / ".calibration.txt"
+    cal = ctx.recipe.calibration
+    corpus = cal.path.name if cal.path is not None else cal.dataset.path.replace("/", "_")
+    # The name is recorded in the matrix and in every file quantized with it.
+    text = out / f"{corpus}-{settings['samples']}x{settings['seq_len']}-seed{settings['seed']}.txt"
     text.write_text("".join(tokenizer.decode(ids) for ids in samples), encoding="utf-8")
     model = llamacpp.gguf_file(inputs[stage.inputs[0]].data)
     target = out / "imatrix.gguf"

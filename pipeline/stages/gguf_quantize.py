@@ -15,12 +15,17 @@ from pipeline.hashing import sha256_file
 def run(ctx, stage, inputs, out: Path) -> dict:
     name = stage.id.split("/", 1)[1]
     variant = ctx.variant(name)
-    base = llamacpp.gguf_file(inputs[stage.params["base"]].data)
-    meta = llamacpp.read_metadata(base)
-    target = out / llamacpp.file_name(meta, variant.type)
+    conversion = inputs[stage.params["base"]]
+    base = llamacpp.gguf_file(conversion.data)
+    target = out / llamacpp.file_name(conversion.result["metadata"], variant.type)
     imatrix = None
     if variant.type in ("F16", "BF16"):
-        shutil.copyfile(base, target)
+        # The conversion is the file: a hard link into this entry (cache entries are immutable;
+        # publishing copies), a copy across filesystems.
+        try:
+            os.link(base, target)
+        except OSError:
+            shutil.copyfile(base, target)
     else:
         imatrix_ids = [i for i in stage.inputs if i.startswith("gguf/imatrix")]
         if imatrix_ids:
