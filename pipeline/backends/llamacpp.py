@@ -7,7 +7,7 @@ Everything goes through the pinned toolchain (``pipeline.toolchains.llamacpp``):
 - importance matrix: ``llama-imatrix`` over the recipe's calibration text;
 - quantization: ``llama-quantize`` (the built tool rather than the in-process binding
   ``llama_model_quantize``: both give the same tensors, but a crash in the tool cannot take the
-  pipeline down, and the tool takes per-tensor overrides and metadata overrides directly);
+  pipeline down, and the tool takes per-tensor type overrides as its own flags);
 - splitting: ``llama-gguf-split`` (``-00001-of-0000N.gguf`` naming);
 - evaluation: llama.cpp's own forward pass through llama-cpp-python (``logits_all``), so the
   numbers are what a llama.cpp replica computes;
@@ -299,8 +299,7 @@ def imatrix(model: Path, text: Path, out: Path, *, ctx: int, chunks: int, thread
     return (proc.stderr or "")[-500:]
 
 
-def quantize(source: Path, out_file: Path, variant, *, imatrix_file: Path | None, overrides: dict[str, str],
-             threads: int) -> None:
+def quantize(source: Path, out_file: Path, variant, *, imatrix_file: Path | None, threads: int) -> None:
     """``llama-quantize`` with the variant's type, importance matrix and per-tensor types."""
     tool = toolchain.find().tool("llama-quantize")
     cmd = [str(tool)]
@@ -313,8 +312,6 @@ def quantize(source: Path, out_file: Path, variant, *, imatrix_file: Path | None
         cmd += ["--output-tensor-type", variant.output_type]
     if variant.token_embedding_type:
         cmd += ["--token-embedding-type", variant.token_embedding_type]
-    for key, value in sorted(overrides.items()):
-        cmd += ["--override-kv", f"{key}=str:{value}"]
     cmd += [str(source.resolve()), str(out_file.resolve()), variant.type, str(threads)]
     _run(cmd, what="llama-quantize", cwd=imatrix_file.parent if imatrix_file is not None else None)
 

@@ -31,8 +31,7 @@ def run(ctx, stage, inputs, out: Path) -> dict:
         if imatrix_ids:
             imatrix = inputs[imatrix_ids[0]].data / "imatrix.gguf"
         tmp = out / f".{target.name}.tmp"
-        llamacpp.quantize(base, tmp, variant, imatrix_file=imatrix, overrides={},
-                          threads=max(1, os.cpu_count() or 1))
+        llamacpp.quantize(base, tmp, variant, imatrix_file=imatrix, threads=max(1, os.cpu_count() or 1))
         tmp.rename(target)
     quantized = llamacpp.read_metadata(target)
     files = [target]
@@ -48,5 +47,5 @@ def run(ctx, stage, inputs, out: Path) -> dict:
         "tensor_types": quantized["tensor_types"],
         "metadata": {k: v for k, v in quantized.items() if k.startswith("general.")},
         "imatrix_sha256": sha256_file(imatrix) if imatrix is not None else None,
-        "conversion": inputs[stage.params["base"]].result["file"],
+        "conversion": conversion.result["file"],
     }
