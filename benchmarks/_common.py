@@ -49,6 +49,21 @@ def single_variant_recipe(recipe: Path, name: str, folder: Path) -> Path:
     return path
 
 
+def calibration_windows(recipe, variant, tokenizer) -> list[list[int]]:
+    """The calibration windows a by-hand script uses: the recipe's text tokenized once,
+    ``samples`` windows of ``seq_len`` tokens picked with ``seed`` (variant overrides applied),
+    as an engineer would write it (the same picks modelbuild makes, computed independently)."""
+    import random
+
+    cal = recipe.calibration
+    over = variant.calibration
+    n = over.samples if over and over.samples else cal.samples
+    length = over.seq_len if over and over.seq_len else cal.seq_len
+    ids = tokenizer(Path(cal.path).read_text(), add_special_tokens=False)["input_ids"]
+    picks = sorted(random.Random(cal.seed).sample(range(len(ids) // length), n))
+    return [ids[w * length:(w + 1) * length] for w in picks]
+
+
 # The start of a child script that runs single stages of a recipe outside `modelbuild run`:
 # argv[1:4] = recipe, shared cache, scratch folder; defines `prepared`, `plan`, `ctx` and `fetch`
 # (the recipe's fetch stage, from the shared cache). Stages built from it go into the scratch cache.

@@ -44,7 +44,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from pipeline.recipe import load_recipe
 from pipeline.quality.calibration import calibration_samples
-from pipeline.plan.build import calibration_settings
+from pipeline.plan.variant_stages import Planning
 from pipeline.toolchains import llamacpp
 recipe_path, checkpoint, scratch, mode = sys.argv[1:5]
 recipe = load_recipe(Path(recipe_path)).recipe
@@ -56,7 +56,7 @@ def sh(*cmd, env=None):
 def convert(outtype, target):
     sh(sys.executable, chain.converter, checkpoint, "--outfile", target, "--outtype", outtype, env=chain.converter_env())
 def imatrix(model, variant, target):
-    cal = calibration_settings(recipe, variant)
+    cal = Planning(recipe=recipe, data={}, eval_params={}).calibration(variant)
     tok = AutoTokenizer.from_pretrained(checkpoint)
     text = out / "calibration.txt"
     samples = calibration_samples(recipe.calibration, samples=cal["samples"], seq_len=cal["seq_len"], seed=cal["seed"], tokenizer=tok)

@@ -38,10 +38,11 @@ print(json.dumps({"checkpoint": str(fetch.data), "size": out.result["size_bytes"
 """
 
 BY_HAND = """
-import sys, json, random, torch
-from pathlib import Path
+import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
+sys.path.insert(0, "benchmarks")
+from _common import calibration_windows
 from pipeline.backends.llmcompressor import _modifiers, _threads_for, _no_pinning_without_accelerator
 from pipeline.recipe import load_recipe
 recipe, checkpoint, out, variant = sys.argv[1:5]
@@ -53,13 +54,8 @@ calibrated = v.needs_calibration()
 model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32 if calibrated else "auto")
 if calibrated:
     from datasets import Dataset
-    cal = loaded.calibration
-    over = v.calibration
-    n = over.samples if over and over.samples else cal.samples
-    L = over.seq_len if over and over.seq_len else cal.seq_len
-    ids = tok(Path(cal.path).read_text(), add_special_tokens=False)["input_ids"]
-    picks = sorted(random.Random(cal.seed).sample(range(len(ids) // L), n))
-    rows = [ids[w * L:(w + 1) * L] for w in picks]
+    rows = calibration_windows(loaded, v, tok)
+    n, L = len(rows), len(rows[0])
     kwargs = dict(dataset=Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * L] * n}),
                   num_calibration_samples=n, max_seq_length=L, shuffle_calibration_samples=False)
 with _threads_for(v, "cpu"), _no_pinning_without_accelerator():

@@ -12,6 +12,7 @@
     ├── StageError                       exit 4   a stage failed while running
     ├── GateFailed                       exit 3   a variant missed its quality gate
     ├── IntegrityError                   exit 5   published files differ from their manifest
+    ├── NeedsHardware                    exit 6   stages need a machine this is not (e.g. a GPU builder)
     └── Interrupted                      exit 130 Ctrl-C; nothing half-written was kept
 
 Every error renders as one line: what went wrong, where, and how to fix it. The CLI maps each
@@ -115,10 +116,32 @@ class IntegrityError(ModelbuildError):
     exit_code = 5
 
 
+class NeedsHardware(ModelbuildError):
+    """Everything this machine can build is done, but some stages need other hardware (e.g. a
+    TensorRT-LLM engine needs a GPU of its architecture); they were not built.
+
+    Args:
+        pending: one line per stage: what it needs and how to build it there.
+    """
+
+    exit_code = 6
+
+    def __init__(self, pending: list[str]):
+        self.pending = pending
+        super().__init__("not built here: " + "; ".join(pending))
+
+
 class Interrupted(ModelbuildError):
     """The user pressed Ctrl-C; the stage's partial output was discarded."""
 
     exit_code = 130
+
+
+class StageSkipped(Exception):
+    """A stage has nothing to do (e.g. an engine for a variant that failed its gate).
+
+    Internal: the executor records the stage as skipped with this reason; nothing is cached.
+    """
 
 
 class CacheEntryCorrupt(Exception):

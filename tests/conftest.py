@@ -164,5 +164,21 @@ def cli(capsys, dirs):
     return invoke
 
 
+def run_once(root: Path, recipe: Path) -> dict:
+    """``modelbuild run`` of ``recipe`` into ``root``'s cache and storage (for module-scoped
+    fixtures that build many variants once); fails the test unless the run succeeds.
+
+    Returns ``{"root", "recipe", "published": {variant: version folder}}``.
+    """
+    from pipeline.cli.main import main
+
+    try:
+        main(["run", str(recipe), "--cache-dir", str(root / "cache"), "--storage", str(root / "store")])
+    except SystemExit as e:
+        assert e.code in (0, None), f"run failed with {e.code}"
+    published = {p.parent.parent.name: p.parent for p in (root / "store").rglob("manifest.json")}
+    return {"root": root, "published": published, "recipe": recipe}
+
+
 def modelbuild_cmd() -> list[str]:
     return [sys.executable, "-m", "pipeline"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_recipe
+from tests.conftest import run_once, write_recipe
 
 # name -> variant options (YAML lines under the variant). The tiny model's layers take 64 and
 # 128 input features, so group sizes are 32 (SmolLM2's 576 would need 64 or 32 too).
@@ -42,16 +42,8 @@ def _recipe(folder: Path, model: Path, wikitext: Path, variants: dict[str, str],
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model, wikitext):
     """One run building every variant (each path once; module-scoped to keep CI short)."""
-    from pipeline.cli.main import main
-
     root = tmp_path_factory.mktemp("schemes")
-    recipe = _recipe(root, tiny_model, wikitext, VARIANTS)
-    try:
-        main(["run", str(recipe), "--cache-dir", str(root / "cache"), "--storage", str(root / "store")])
-    except SystemExit as e:
-        assert e.code in (0, None), f"run failed with {e.code}"
-    published = {p.parent.parent.name: p.parent for p in (root / "store").rglob("manifest.json")}
-    return {"root": root, "published": published, "recipe": recipe}
+    return run_once(root, _recipe(root, tiny_model, wikitext, VARIANTS))
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -1,5 +1,6 @@
-"""End to end on the real SmolLM2-135M-Instruct: the demo recipe, every vLLM format family and
-the GGUF types (about 20 minutes on 2 CPU cores, run once for the module)."""
+"""End to end on the real SmolLM2-135M-Instruct: the demo recipe, every vLLM format family, the
+GGUF types and the ModelOpt formats for TensorRT-LLM (about 30 minutes on 2 CPU cores, run once for
+the module), and the TensorRT-LLM engine recipe on a machine without a GPU builder."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def _manifests(demo) -> dict[str, dict]:
 
 def test_demo_publishes_every_family_gated_and_verifiable(demo):
     manifests = _manifests(demo)
-    assert set(manifests) == set(ALL) | set(GGUF)
+    assert set(manifests) == set(ALL) | set(GGUF) | set(MODELOPT)
     for name, manifest in manifests.items():
         assert manifest["gate"]["passed"], name
         assert manifest["source"]["kind"] == "gguf" and manifest["license"] == "apache-2.0"
@@ -89,6 +90,8 @@ def test_quality_has_the_expected_shape(demo):
 
 WEIGHT_ONLY = ("w8a16", "w4a16-gptq", "w4a16-awq", "nvfp4a16", "mxfp4a16")
 ALL = ("fp8-dynamic", "fp8-static", "w8a8-sq-gptq", "nvfp4", "mxfp4") + WEIGHT_ONLY
+MODELOPT = ("modelopt-fp8", "modelopt-fp8-kv-fp8", "modelopt-fp8-pc-pt", "modelopt-nvfp4", "modelopt-nvfp4-mlp-only",
+            "modelopt-int4-awq", "modelopt-int8-sq")
 GGUF = ("gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_k_m-no-imatrix",
         "gguf-q4_0", "gguf-iq4_xs", "gguf-q3_k_m", "gguf-q2_k")
 
@@ -158,4 +161,57 @@ def test_rerun_is_a_no_op(demo):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "running" not in again.stderr
     assert "already published" in again.stdout
-    assert len(list(demo["dirs"]["storage"].rglob("manifest.json"))) == len(ALL) + len(GGUF)
+    assert len(list(demo["dirs"]["storage"].rglob("manifest.json"))) == len(ALL) + len(GGUF) + len(MODELOPT)
+
+
+def test_modelopt_variants_carry_engines_and_serving_profiles(demo):
+    """Each ModelOpt checkpoint names only the engines that load it and has one trtllm-serve
+    profile per target GPU that runs it (the demo targets L40S, H100 and B200, tp 1)."""
+    manifests = _manifests(demo)
+    profiles = {n: {g for p in manifests[n].get("serving_profiles", []) for g in p["gpus"]} for n in MODELOPT}
+    assert profiles["modelopt-fp8"] == {"L40S", "H100", "B200"}
+    assert profiles["modelopt-fp8-pc-pt"] == {"H100"}  # TensorRT-LLM's FP8 row-wise kernels: Hopper only
+    assert profiles["modelopt-nvfp4"] == profiles["modelopt-nvfp4-mlp-only"] == {"B200"}
+    assert profiles["modelopt-int4-awq"] == {"L40S", "H100"}  # W4A16 AWQ: not on Blackwell
+    assert profiles["modelopt-int8-sq"] == set()  # served only through legacy TensorRT engines
+    assert "vllm" not in manifests["modelopt-int4-awq"]["format"]["engines"]
+    assert manifests["modelopt-int8-sq"]["format"]["engines"] == ["trtllm-engine"]
+    for name in MODELOPT:
+        folder = demo["dirs"]["storage"] / "smollm2-135m-instruct" / name / manifests[name]["version"]
+        assert (folder / "hf_quant_config.json").is_file()
+        for profile in manifests[name].get("serving_profiles", []):
+            assert (folder / profile["options_file"]).is_file()
+
+
+def test_modelopt_and_llmcompressor_agree_where_they_build_the_same_format(demo):
+    """ModelOpt FP8 (per-tensor weights and static activations) lands near llm-compressor's FP8
+    static; INT4 AWQ of both stays within the 4-bit band; the FP8 checkpoint still answers."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.backends.modelopt_checkpoint import load_exported
+
+    kld = {n: m["metrics"]["mean_kld"] for n, m in _manifests(demo).items()}
+    assert 0.5 < kld["modelopt-fp8"] / kld["fp8-static"] < 2.0
+    assert kld["modelopt-int4-awq"] < 0.4 and kld["w4a16-awq"] < 0.4
+    assert max(kld[n] for n in ("modelopt-fp8", "modelopt-fp8-pc-pt")) < min(kld[n] for n in ("modelopt-nvfp4", "modelopt-int4-awq"))
+    folder = next((demo["dirs"]["storage"] / "smollm2-135m-instruct" / "modelopt-fp8").iterdir())
+    model = load_exported(folder, "cpu")
+    assert "Paris" in _greedy(model, AutoTokenizer.from_pretrained(folder), "The capital of France is")
+    del torch
+
+
+def test_engine_recipe_plans_engines_and_reports_them_not_built(demo):
+    """On this CPU machine the engine stages wait for a GPU builder: the checkpoint comes from the
+    demo's cache, nothing is built as a placeholder, and run exits 6 (not 3, a gate failure)."""
+    recipe = REPO / "recipes" / "smollm2-135m-instruct-trtllm-engines.yaml"
+    plan = _modelbuild("plan", str(recipe), dirs=demo["dirs"])
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "engine/modelopt-fp8/sm90-tp1-pp1-b16-s4096: waiting for a GPU builder" in plan.stdout
+    assert "engine/modelopt-fp8/sm89-tp1-pp1-b8-s2048: waiting for a GPU builder" in plan.stdout
+    run = _modelbuild("run", str(recipe), dirs=demo["dirs"])
+    assert run.returncode == 6, run.stderr[-2000:]
+    assert "quantize/modelopt-fp8: running" not in run.stderr  # the demo's very checkpoint stage
+    lines = [x for x in run.stderr.splitlines() if x.startswith("engine/modelopt-fp8/")]
+    assert len(lines) == 2 and all("not built, needs an NVIDIA GPU of architecture" in x for x in lines)
+    assert not list((demo["dirs"]["storage"] / "smollm2-135m-instruct").glob("modelopt-fp8-trtllm-*"))

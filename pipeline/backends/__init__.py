@@ -14,6 +14,7 @@ from pipeline.backends.base import Backend
 CATALOGUE: dict[str, str] = {
     "llmcompressor": "pipeline.backends.llmcompressor:LLMCompressorBackend",
     "llamacpp": "pipeline.backends.llamacpp:LlamaCppBackend",
+    "modelopt": "pipeline.backends.modelopt:ModelOptBackend",
 }
 
 

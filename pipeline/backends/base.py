@@ -89,6 +89,28 @@ class Backend(ABC):
         performs is simulated (or the engine itself computes).
         """
 
+    def runs_on(self, variant: Any, compute_capability: float, engine: str | None = None) -> bool:
+        """Whether an engine (any of the variant's engines when None) runs the variant's format on
+        a GPU of this compute capability. Default: from ``min_compute_capability``."""
+        need = self.describe(variant).min_compute_capability
+        return need is None or compute_capability >= need
+
+    def gpu_requirement(self, variant: Any) -> str:
+        """The GPUs the variant's format needs, in words (for error messages)."""
+        need = self.describe(variant).min_compute_capability
+        return "no particular GPU" if need is None else f"compute capability {need:g}+"
+
+    def plan_stages(self, variant: Any, planning: Any) -> list:
+        """The DAG stages of one variant (``pipeline.plan.variant_stages.Planning`` in, stages
+        out, shared ones added once). Default: quantize, evaluate, gate, publish."""
+        from pipeline.plan.variant_stages import standard_stages
+
+        return standard_stages(self, variant, planning)
+
+    def publish_params(self, variant: Any, planning: Any) -> dict[str, Any]:
+        """Extra parameters of the variant's publish stage (e.g. serving profiles); default none."""
+        return {}
+
     def forward(self, model: Any):
         """``ids [1, S] -> logits [S, vocab]`` for a model from ``load_for_eval`` (a transformers
         causal LM unless the backend says otherwise)."""

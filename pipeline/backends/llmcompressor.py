@@ -23,13 +23,13 @@ pinned bit for bit to it).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from pipeline.backends.base import Backend, FormatInfo
+from pipeline.backends.shapes import config_dtype, linear_input_widths, weight_owners
 from pipeline.backends.simulated_activations import SharedInputQDQ, input_hook, output_hook
 from pipeline.errors import StageError
 
@@ -105,7 +105,7 @@ class LLMCompressorBackend(Backend):
         group = variant.group_size or (weights.group_size if weights is not None else None)
         if not group or model_config is None:
             return
-        widths = _linear_input_widths(model_config, variant.ignore)
+        widths = linear_input_widths(model_config, variant.ignore)
         bad = [(name, width) for name, width in widths if width % group]
         if bad:
             fits = [g for g in (128, 64, 32, 16) if all(w % g == 0 for _n, w in widths)]
@@ -123,7 +123,7 @@ class LLMCompressorBackend(Backend):
         from llmcompressor import oneshot
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        source_dtype = _config_dtype(source)
+        source_dtype = config_dtype(source)
         if variant.entrypoint == "model_free":
             return _model_free(variant, source, out, device, source_dtype)
         # Data-free schemes run no forward pass, so they work in the checkpoint's own dtype (as
@@ -232,8 +232,8 @@ def _model_free(variant, source: Path, out: Path, device: str, source_dtype) -> 
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source)
-    targeted = {name for name, _w in _linear_input_widths(config, variant.ignore)}
-    others = sorted(_weight_owners(config) - targeted)
+    targeted = {name for name, _w in linear_input_widths(config, variant.ignore)}
+    others = sorted(weight_owners(config) - targeted)
     with _quiet_library_logs():
         model_free_ptq(
             str(source), str(out), scheme=_scheme(variant), ignore=list(variant.ignore) + others,
@@ -243,21 +243,6 @@ def _model_free(variant, source: Path, out: Path, device: str, source_dtype) -> 
     # model_free_ptq copies the source's non-weight files (config, tokenizer) and updates config.
     return {"quantized_modules": len(targeted), "source_dtype": str(source_dtype).removeprefix("torch."),
             "calibration_samples": 0, "entrypoint": "model_free_ptq"}
-
-
-def _weight_owners(config) -> set[str]:
-    """Names of all modules of the architecture that own a ``weight`` parameter."""
-    model = _meta_model(config)
-    return {name.rsplit(".", 1)[0] for name, _p in model.named_parameters() if name.endswith(".weight")}
-
-
-def _meta_model(config):
-    """A weightless (meta-device) instance of the architecture: names and shapes, no memory."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def _modifiers(variant) -> list:
@@ -328,26 +313,6 @@ def _threads_for(variant, device: str):
         torch.set_num_threads(before)
 
 
-def _linear_input_widths(config, ignore) -> list[tuple[str, int]]:
-    """(name, in_features) of every Linear a variant targets, from a weightless (meta) model."""
-    import re
-
-    import torch
-
-    model = _meta_model(config)
-
-    def ignored(name: str) -> bool:
-        for pattern in ignore:
-            if pattern.startswith("re:"):
-                if re.match(pattern[3:], name):
-                    return True
-            elif name == pattern or name.endswith("." + pattern):
-                return True
-        return False
-
-    return [(n, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not ignored(n)]
-
-
 def _version(dist: str) -> str:
     from pipeline.plan.stage import tool_version
 
@@ -368,11 +333,3 @@ def _quiet_library_logs():
         yield
     finally:
         logger.enable("llmcompressor")
-
-
-def _config_dtype(folder: Path):
-    import torch
-
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name)

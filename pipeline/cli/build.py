@@ -32,15 +32,47 @@ def plan(
     table = Table(title=f"{prepared.loaded.recipe.name}: {len(prepared.plan.stages)} stages")
     for col in ("stage", "inputs", "key", "state"):
         table.add_column(col)
+    from pipeline.hardware import missing
+
+    waiting = []
     for stage in prepared.plan.stages:
         if stage.cached:
             state = "cached" if prepared.store.get(stage.key) else "to build"
+            lacking = missing(stage.hints.requires) if state == "to build" else []
+            if lacking:
+                state = "waiting for a GPU builder"
+                waiting.append(f"{stage.id}: waiting for a GPU builder (needs {'; '.join(lacking)})")
         else:
             state = "runs every time (not cached)"
-        table.add_row(stage.id, ", ".join(stage.inputs) or "-", stage.key if keys else stage.key[:12] + "…", state)
-    Console().print(table)
+        table.add_row(stage.id, ", ".join(stage.inputs + stage.after) or "-", stage.key if keys else stage.key[:12] + "…", state)
+    _console().print(table)
+    for line in waiting:
+        typer.echo(line)
     typer.echo(f"source: {prepared.plan.source.provenance}")
     typer.echo(f"storage: {prepared.storage}")
+    _print_formats(prepared)
+
+
+def _print_formats(prepared) -> None:
+    """What each variant will be and who can load it (the plan promises no other engine)."""
+    from pipeline.backends import get_backend
+
+    table = Table(title="variants: format, engines that load it, GPUs")
+    for col in ("variant", "format", "scheme", "engines", "GPU needs", "serving profiles"):
+        table.add_column(col)
+    publish = prepared.plan.by_id()
+    for variant in prepared.loaded.recipe.variants:
+        backend = get_backend(variant.backend)
+        info = backend.describe(variant)
+        profiles = publish[f"publish/{variant.name}"].params.get("serving_profiles", [])
+        table.add_row(variant.name, info.format, info.scheme, ", ".join(info.engines), backend.gpu_requirement(variant),
+                      ", ".join(f"{p['name']} ({'/'.join(p['gpus'])})" for p in profiles) or "-")
+    _console().print(table)
+
+
+def _console() -> Console:
+    # Wide enough for the tables when piped (rich assumes 80 columns off a terminal).
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def run(
@@ -50,7 +82,8 @@ def run(
     device: DeviceOpt = "auto",
 ) -> None:
     """Build, evaluate, gate and publish every variant of a recipe (cached stages are reused)."""
-    from pipeline.errors import GateFailed
+    from pipeline.errors import GateFailed, NeedsHardware
+    from pipeline.stages.trtllm_engine import builder_command
     from pipeline.orchestrate import prepare
     from pipeline.orchestrate import run as run_prepared
     from pipeline.progress import Reporter
@@ -84,10 +117,23 @@ def run(
             "pass" if gate["passed"] else "FAIL",
         )
         published.append(f"{variant.name}: {pub['status']}" + (f" {pub['path']}" if "path" in pub else ""))
-    # Wide enough for the table when piped (rich assumes 80 columns off a terminal).
-    console = Console() if sys.stdout.isatty() else Console(width=120)
-    console.print(table)
+    _console().print(table)
     for line in published:
         typer.echo(line)
+    pending = []
+    for outcome in report.outcomes.values():
+        if outcome.stage.kind == "publish_engine" and outcome.status in ("ran", "cached"):
+            pub = outcome.result
+            typer.echo(f"{outcome.stage.params['name']}: {pub['status']}" + (f" {pub['path']}" if "path" in pub else ""))
+        elif outcome.stage.kind == "trtllm_engine" and outcome.status == "skipped":
+            typer.echo(f"{outcome.stage.id}: {outcome.result['reason']}")
+    for outcome in report.not_built():
+        line = f"{outcome.stage.id}: not built, needs " + "; ".join(outcome.result["needs"])
+        if outcome.stage.kind == "trtllm_engine":
+            line += f"; {builder_command(prepared.loaded.path, outcome.stage)}"
+        typer.echo(line, err=True)
+        pending.append(line)
     if failures:
         raise GateFailed(failures)
+    if pending:
+        raise NeedsHardware([o.stage.id for o in report.not_built()])

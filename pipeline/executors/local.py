@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.cache.store import CacheStore, Entry
-from pipeline.errors import Interrupted, ModelbuildError, StageError
+from pipeline.errors import Interrupted, ModelbuildError, StageError, StageSkipped
+from pipeline.hardware import missing
 from pipeline.plan.stage import Stage
 from pipeline.stages import runner
 from pipeline.stages.context import RunContext, StageInput
@@ -18,7 +19,10 @@ class Outcome:
     """What happened to one stage.
 
     Attributes:
-        status: ``cached`` (entry reused), ``built`` (ran, now cached) or ``ran`` (uncached stage).
+        status: ``cached`` (entry reused), ``built`` (ran, now cached), ``ran`` (uncached stage),
+            ``needs`` (not run: this machine lacks what the stage requires, or an input was not
+            built for that reason; ``result["needs"]`` says what) or ``skipped`` (nothing to do,
+            ``result["reason"]``).
     """
 
     stage: Stage
@@ -36,6 +40,10 @@ class Report:
         """Ids of stages that did work (were not served from the cache)."""
         return [sid for sid, o in self.outcomes.items() if o.status == "built"]
 
+    def not_built(self) -> list[Outcome]:
+        """Stages that need hardware this machine lacks (the first of each chain)."""
+        return [o for o in self.outcomes.values() if o.status == "needs" and "blocked_by" not in o.result]
+
 
 def execute(plan, ctx: RunContext, store: CacheStore) -> Report:
     """Run every stage of ``plan``.
@@ -49,7 +57,8 @@ def execute(plan, ctx: RunContext, store: CacheStore) -> Report:
     total = len(plan.stages)
     for index, stage in enumerate(plan.stages, 1):
         inputs = {
-            sid: StageInput(report.outcomes[sid].result, report.outcomes[sid].entry) for sid in stage.inputs
+            sid: StageInput(report.outcomes[sid].result, report.outcomes[sid].entry, report.outcomes[sid].status)
+            for sid in stage.inputs + stage.after
         }
         outcome = _run_stage(ctx, store, stage, inputs, index, total)
         report.outcomes[stage.id] = outcome
@@ -62,23 +71,38 @@ def _run_stage(ctx: RunContext, store: CacheStore, stage: Stage, inputs: dict, i
     """One stage: served from the cache, built into it, or (uncached kinds) run."""
     started = time.perf_counter()
     module = runner(stage.kind)
-    if not stage.cached:
-        result = _guarded(stage, lambda: module.run(ctx, stage, inputs))
-        return Outcome(stage, "ran", result, time.perf_counter() - started)
-    entry = store.get(stage.key)
-    status = "cached"
-    if entry is None:
-        ctx.reporter.stage(index, total, stage.id, "running")
-        describe = {"stage": stage.id, "kind": stage.kind, "params": stage.params}
-        entry = _guarded(stage, lambda: store.put(stage.key, lambda out: module.run(ctx, stage, inputs, out), describe))
-        status = "built"
+    blocked = next((sid for sid in inputs if inputs[sid].status in ("needs", "skipped")), None)
+    if blocked is not None:  # an input was not built: neither is this
+        upstream = inputs[blocked]
+        return Outcome(stage, upstream.status, {**upstream.result, "blocked_by": blocked}, 0.0)
+    try:
+        if not stage.cached:
+            result = _guarded(stage, lambda: module.run(ctx, stage, inputs))
+            return Outcome(stage, "ran", result, time.perf_counter() - started)
+        entry = store.get(stage.key)  # built elsewhere (a shared cache) counts, whatever this machine is
+        status = "cached"
+        if entry is None:
+            lacking = missing(stage.hints.requires)
+            if lacking:
+                return Outcome(stage, "needs", {"needs": lacking}, 0.0)
+            ctx.reporter.stage(index, total, stage.id, "running")
+            describe = {"stage": stage.id, "kind": stage.kind, "params": stage.params}
+            entry = _guarded(stage, lambda: store.put(stage.key, lambda out: module.run(ctx, stage, inputs, out), describe))
+            status = "built"
+    except StageSkipped as e:
+        return Outcome(stage, "skipped", {"reason": str(e)}, time.perf_counter() - started)
     return Outcome(stage, status, entry.result, time.perf_counter() - started, entry)
 
 
 def _describe(outcome: Outcome) -> str:
     if outcome.stage.kind == "gate":
         return "passed" if outcome.result["passed"] else "[red]FAILED[/red]"
-    if outcome.stage.kind == "publish":
+    if outcome.status == "needs":
+        return "[yellow]not built[/yellow] (needs " + "; ".join(outcome.result["needs"]) + ")" \
+            if "blocked_by" not in outcome.result else f"[yellow]not built[/yellow] (waits for {outcome.result['blocked_by']})"
+    if outcome.status == "skipped":
+        return f"skipped ({outcome.result['reason']})"
+    if outcome.stage.kind in ("publish", "publish_engine"):
         return outcome.result["status"] + (f" → {outcome.result['path']}" if "path" in outcome.result else "")
     return {"cached": "cached", "built": "done"}.get(outcome.status, outcome.status)
 
@@ -86,6 +110,8 @@ def _describe(outcome: Outcome) -> str:
 def _guarded(stage: Stage, call):
     try:
         return call()
+    except StageSkipped:
+        raise
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted during stage {stage.id}",

@@ -18,23 +18,20 @@ its variants against the model's config (the storage root is probed before ``run
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from pipeline import sources
 from pipeline.backends import get_backend
-from pipeline.compat import compute_capability
+from pipeline.compat import check_parallelism, compute_capability
 from pipeline.errors import DataError, ModelbuildError, RecipeError, SourceError, StageError
 from pipeline.cache.store import CacheStore
 from pipeline.hashing import digest_json, sha256_file
-from pipeline.plan.gguf import cpu_model, gguf_stages
 from pipeline.plan.stage import Hints, Stage, tool_version
+from pipeline.plan.variant_stages import EVAL_TOOLS, Planning
 from pipeline.quality.calibration import calibration_digest
 from pipeline.quality.corpus import read_text
 from pipeline.recipe.load import LoadedRecipe
 from pipeline.sources import ResolvedSource
 from pipeline.stages import VERSIONS
-
-EVAL_TOOLS = ("torch", "transformers")
 
 
 @dataclass(frozen=True)
@@ -95,53 +92,9 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, sto
     )
     stages += [fetch, baseline]
 
-    existing = {s.id for s in stages}
-    cpu = cpu_model()
+    planning = Planning(recipe=recipe, data=data, eval_params=eval_params, existing={s.id for s in stages})
     for variant in recipe.variants:
-        if variant.backend == "llamacpp":
-            cal = calibration_settings(recipe, variant) if variant.needs_calibration() else None
-            stages += gguf_stages(recipe, variant, data, cal, eval_params, existing, cpu)
-            continue
-        backend = get_backend(variant.backend)
-        params: dict[str, Any] = {"backend": variant.backend, "options": variant.backend_params()}
-        if variant.needs_calibration():
-            params["calibration"] = {"sha256": data["calibration"], **calibration_settings(recipe, variant)}
-        quantize = Stage(
-            id=f"quantize/{variant.name}",
-            kind="quantize",
-            params=params,
-            inputs=("fetch",),
-            tools=backend.tools,
-            version=VERSIONS["quantize"],
-            hints=Hints(uses_gpu=True),
-        )
-        evaluate = Stage(
-            id=f"evaluate/{variant.name}",
-            kind="evaluate",
-            params={**eval_params, "backend": variant.backend},
-            inputs=(quantize.id, "baseline"),
-            tools=tuple(sorted(set(EVAL_TOOLS) | set(backend.tools))),
-            version=VERSIONS["evaluate"],
-            hints=Hints(uses_gpu=True),
-        )
-        gate = Stage(
-            id=f"gate/{variant.name}",
-            kind="gate",
-            params={"gate": recipe.eval.gate.merged(variant.gate).model_dump()},
-            inputs=(evaluate.id,),
-            version=VERSIONS["gate"],
-            cached=False,
-        )
-        publish = Stage(
-            id=f"publish/{variant.name}",
-            kind="publish",
-            params={"model": recipe.model_name, "variant": variant.name},
-            inputs=(quantize.id, evaluate.id, gate.id, "baseline", "fetch"),
-            version=VERSIONS["publish"],
-            cached=False,
-        )
-        stages += [quantize, evaluate, gate, publish]
-        existing.update(s.id for s in (quantize, evaluate, gate, publish))
+        stages += get_backend(variant.backend).plan_stages(variant, planning)
 
     tools = sorted({t for s in stages for t in s.tools})
     versions = {t: tool_version(t) for t in tools}
@@ -152,7 +105,7 @@ def _with_keys(stages: list[Stage], versions: dict[str, str]) -> list[Stage]:
     keys: dict[str, str] = {}
     done = []
     for stage in stages:
-        missing = [i for i in stage.inputs if i not in keys]
+        missing = [i for i in stage.inputs + stage.after if i not in keys]
         if missing:
             # Stages are emitted in dependency order; anything else is a planner bug or a cycle.
             raise StageError(f"stage {stage.id} depends on {missing} which come later or do not exist")
@@ -165,14 +118,6 @@ def _with_keys(stages: list[Stage], versions: dict[str, str]) -> list[Stage]:
 def _fetch_stage(resolved: ResolvedSource) -> Stage:
     return Stage(id="fetch", kind="fetch", params={"source": resolved.identity}, tools=resolved.tools,
                  version=VERSIONS["fetch"])
-
-
-def calibration_settings(recipe, variant) -> dict[str, Any]:
-    """The recipe's calibration sampling with the variant's overrides applied."""
-    cal = recipe.calibration
-    over = variant.calibration
-    pick = lambda field: getattr(over, field) if over is not None and getattr(over, field) is not None else getattr(cal, field)  # noqa: E731
-    return {"samples": pick("samples"), "seq_len": pick("seq_len"), "seed": pick("seed"), "chat_template": cal.chat_template}
 
 
 def _corpus_digests(recipe) -> dict[str, str]:
@@ -198,22 +143,22 @@ def _corpus_digests(recipe) -> dict[str, str]:
 
 
 def _check_targets(recipe, loaded) -> None:
-    """Every variant must run on at least one declared target GPU."""
+    """Every variant must run on at least one declared target GPU (in at least one engine)."""
     if not recipe.targets:
         return
     gpus = {t.gpu: compute_capability(t.gpu) for t in recipe.targets}
     for i, variant in enumerate(recipe.variants):
-        need = get_backend(variant.backend).describe(variant).min_compute_capability
-        if need is not None and not any(cc >= need for cc in gpus.values()):
+        backend = get_backend(variant.backend)
+        if not any(backend.runs_on(variant, cc) for cc in gpus.values()):
             raise loaded.error(
-                f"{getattr(variant, 'scheme', variant.name)} needs compute capability {need:g}+, but the "
+                f"{backend.describe(variant).scheme} needs {backend.gpu_requirement(variant)}, but the "
                 f"targets are {', '.join(f'{g} ({cc:g})' for g, cc in gpus.items())}",
                 ("variants", i), fix="drop the variant or add a target GPU that can run it",
             )
 
 
 # Bump when backends' plan-time checks change, so remembered passes are checked again.
-CHECKS_VERSION = 1
+CHECKS_VERSION = 2
 
 
 def _check_variants(loaded: LoadedRecipe, resolved: ResolvedSource, store: CacheStore | None) -> None:
@@ -224,7 +169,9 @@ def _check_variants(loaded: LoadedRecipe, resolved: ResolvedSource, store: Cache
     for index, variant in enumerate(recipe.variants):
         backend = get_backend(variant.backend)
         token = digest_json({
-            "version": CHECKS_VERSION, "source": resolved.identity, "variant": variant.backend_params(),
+            "version": CHECKS_VERSION, "source": resolved.identity,
+            "variant": variant.model_dump(mode="json", exclude={"name", "gate", "calibration"}),
+            "targets": [t.model_dump(mode="json") for t in recipe.targets],
             "tools": {t: tool_version(t) for t in backend.tools},
         })
         if memo is None or not (memo / token).exists():
@@ -232,11 +179,17 @@ def _check_variants(loaded: LoadedRecipe, resolved: ResolvedSource, store: Cache
     if not pending:
         return
     config = _model_config(recipe, resolved, store)
+    for index, target in enumerate(recipe.targets):
+        reason = check_parallelism(target.tp, target.pp, config)
+        if reason:
+            raise loaded.error(f"target {target.gpu}: {reason}", ("targets", index, "tp"),
+                               fix="choose a tp that divides the attention heads")
     for index, variant, backend, token in pending:
         try:
             backend.check_variant(variant, config)
         except RecipeError as e:
-            raise loaded.error(e.message, ("variants", index, e.field or "scheme"), fix=e.fix) from None
+            at = tuple(int(p) if p.isdigit() else p for p in (e.field or "scheme").split("."))
+            raise loaded.error(e.message, ("variants", index, *at), fix=e.fix) from None
         if memo is not None:
             memo.mkdir(parents=True, exist_ok=True)
             (memo / token).touch()

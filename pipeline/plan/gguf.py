@@ -37,17 +37,16 @@ AWKWARD_STRINGS = (
 )
 
 
-def gguf_stages(recipe, variant, data: dict[str, str], calibration: dict[str, Any] | None, eval_params: dict,
-                existing: set[str], cpu: str) -> list[Stage]:
-    """The stages one llamacpp variant needs, shared ones first (those already in ``existing``
-    are left out)."""
+def gguf_stages(variant, planning) -> list[Stage]:
+    """The stages one llamacpp variant needs, shared ones first (those already planned are left
+    out)."""
+    recipe, data, eval_params = planning.recipe, planning.data, planning.eval_params
+    calibration = planning.calibration(variant)
+    cpu = cpu_model()
     stages: list[Stage] = []
 
     def add(stage: Stage) -> Stage:
-        if stage.id not in existing:
-            existing.add(stage.id)
-            stages.append(stage)
-        return stage
+        return planning.add(stages, stage)
 
     metadata = converter_metadata(recipe)
     license = recipe.source.license

@@ -17,11 +17,15 @@ class Hints:
         uses_gpu: runs faster on a GPU when one is present (falls back to CPU).
         needs_gpu: cannot run without one (e.g. an engine build).
         memory_gb: rough peak host memory, when known.
+        requires: what the machine must have, checked before the stage runs
+            (``pipeline.hardware``): ``gpu:sm90`` (an NVIDIA GPU of that architecture),
+            ``tensorrt_llm`` (a Python that imports TensorRT-LLM).
     """
 
     uses_gpu: bool = False
     needs_gpu: bool = False
     memory_gb: float | None = None
+    requires: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class Stage:
         kind: which runner executes it (``pipeline.stages.RUNNERS``).
         params: JSON-able parameters that shape the output.
         inputs: ids of the stages whose outputs it reads.
+        after: ids of stages whose verdict it reads but whose output does not shape its own (an
+            engine build waits for its checkpoint's gate; a changed gate threshold must not
+            rebuild the engine): passed in like inputs, left out of the key.
         tools: distributions whose installed versions shape the output.
         version: the runner's code version (bumped when its output would change).
         cached: whether the output is a cache entry (gate and publish are not: they are cheap, or
@@ -45,6 +52,7 @@ class Stage:
     kind: str
     params: dict[str, Any]
     inputs: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()
     version: int = 1
     cached: bool = True

@@ -137,9 +137,18 @@ class Calibration(Strict):
 
 
 class GPUTarget(Strict):
-    """A GPU the published variants must run on (checked at plan time)."""
+    """A deployment target: a GPU the published variants must run on (checked at plan time) and
+    the serving shape used for the engines' serving profiles (TensorRT-LLM's ``trtllm-serve``)."""
 
     gpu: str = Field(description="e.g. H100, A100, L40S, B200, T4")
+    tp: int = Field(1, ge=1, le=64, description="tensor parallel size (GPUs per replica with pp)")
+    pp: int = Field(1, ge=1, le=64, description="pipeline parallel size")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="most requests batched at once")
+    max_num_tokens: int = Field(8192, ge=1, le=1_048_576, description="most tokens in one batched step")
+    max_seq_len: int | None = Field(None, ge=2, le=1_048_576, description="default: the model's context length")
+    kv_cache_free_gpu_memory_fraction: float = Field(
+        0.9, gt=0.0, le=1.0, description="share of the GPU memory left after weights given to the KV cache"
+    )
 
     @field_validator("gpu")
     @classmethod
@@ -227,7 +236,9 @@ class Recipe(Strict):
     calibration: Calibration | None = None
     eval: Eval
     variants: list[Variant] = Field(min_length=1)
-    targets: list[GPUTarget] = Field(default_factory=list, description="GPUs the variants must run on")
+    targets: list[GPUTarget] = Field(
+        default_factory=list, description="deployment targets: GPUs the variants must run on, with their serving shape",
+    )
     publish: Publish = Publish()
     gguf: GGUFSettings = Field(GGUFSettings(), description="settings shared by the llamacpp variants")
 

@@ -205,4 +205,92 @@ class LlamaCppVariant(_VariantBase):
         return {**super().backend_params(), "imatrix": self.uses_imatrix()}
 
 
-Variant = Annotated[Union[LLMCompressorVariant, LlamaCppVariant], Field(discriminator="backend")]
+# NVIDIA ModelOpt formats, named as ModelOpt's own ``hf_ptq`` example names them (``--qformat``).
+# Each maps to one of ModelOpt's ``mtq.*_CFG`` presets (checked against the installed ModelOpt at
+# plan time).
+MODELOPT_QFORMATS: dict[str, str] = {
+    "fp8": "FP8_DEFAULT_CFG",  # FP8 weights and activations, per-tensor static scales
+    "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN_CFG",  # FP8 weights per channel, activations per token
+    "nvfp4": "NVFP4_DEFAULT_CFG",  # NVFP4 weights and activations (W4A4)
+    "nvfp4_mlp_only": "NVFP4_MLP_ONLY_CFG",  # NVFP4 on the MLP only, attention left in 16-bit
+    "nvfp4_omlp_only": "NVFP4_OMLP_ONLY_CFG",  # NVFP4 on the MLP and attention's o_proj
+    "int4_awq": "INT4_AWQ_CFG",  # INT4 weights per block (AWQ-lite), 16-bit activations
+    "int8_sq": "INT8_SMOOTHQUANT_CFG",  # INT8 SmoothQuant: per-channel weights, per-tensor activations
+}
+# KV-cache quantization presets (hf_ptq's --kv_cache_qformat).
+MODELOPT_KV_QFORMATS: dict[str, str] = {"fp8": "FP8_KV_CFG"}
+
+
+class TRTEngineBuild(_Strict):
+    """One TensorRT-LLM legacy engine: built only on a GPU of that architecture."""
+
+    gpu: str = Field(description="GPU the engine is built on and for, e.g. H100 (engines do not move between architectures)")
+    tp: int = Field(1, ge=1, le=64, description="tensor parallel size")
+    pp: int = Field(1, ge=1, le=64, description="pipeline parallel size")
+    max_batch_size: int = Field(8, ge=1, le=4096)
+    max_input_len: int = Field(1024, ge=1, le=1_048_576)
+    max_seq_len: int = Field(2048, ge=2, le=1_048_576)
+    max_num_tokens: int = Field(8192, ge=1, le=1_048_576)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TRTEngineBuild":
+        from pipeline.compat import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
+
+        if compute_capability(self.gpu) is None:
+            raise ValueError(f"unknown GPU {self.gpu!r}; known: {', '.join(GPU_COMPUTE_CAPABILITY)}")
+        object.__setattr__(self, "gpu", normalise_gpu(self.gpu))
+        if self.max_input_len > self.max_seq_len:
+            raise ValueError("max_input_len cannot exceed max_seq_len")
+        return self
+
+    @property
+    def profile(self) -> str:
+        """``sm90-tp1-pp1-b8-s2048``: what makes one engine differ from another."""
+        from pipeline.compat import compute_capability
+
+        sm = f"sm{int(round(compute_capability(self.gpu) * 10))}"
+        return f"{sm}-tp{self.tp}-pp{self.pp}-b{self.max_batch_size}-s{self.max_seq_len}"
+
+
+class ModelOptVariant(_VariantBase):
+    """A Hugging Face checkpoint quantized by NVIDIA ModelOpt and exported in its unified format
+    (``hf_quant_config.json``), served by TensorRT-LLM (and vLLM for FP8/NVFP4)."""
+
+    backend: Literal["modelopt"]
+    qformat: Literal[tuple(MODELOPT_QFORMATS)] = Field(  # type: ignore[valid-type]
+        description="ModelOpt quantization format (hf_ptq's --qformat names)"
+    )
+    kv_cache_qformat: Literal["none", "fp8"] = Field("none", description="KV-cache quantization (calibrated)")
+    awq_block_size: int | None = Field(
+        None, ge=8, le=4096, description="int4_awq: weight block size (ModelOpt's default 128)"
+    )
+    awq_alpha_step: float | None = Field(
+        None, gt=0.0, le=1.0, description="int4_awq: AWQ-lite search step (ModelOpt's default 0.1; larger is faster)"
+    )
+    engines: list[TRTEngineBuild] = Field(
+        default_factory=list,
+        description="TensorRT-LLM legacy (TensorRT backend) engines to build from this checkpoint; each "
+        "needs a GPU builder of its architecture with tensorrt_llm installed",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelOptVariant":
+        if self.qformat != "int4_awq" and (self.awq_block_size is not None or self.awq_alpha_step is not None):
+            raise ValueError("awq_block_size and awq_alpha_step apply to qformat int4_awq")
+        profiles = [e.profile for e in self.engines]
+        dupes = sorted({p for p in profiles if profiles.count(p) > 1})
+        if dupes:
+            raise ValueError(f"engines repeat the same build: {', '.join(dupes)}")
+        return self
+
+    def needs_calibration(self) -> bool:
+        # Static activation scales, global NVFP4 input scales, AWQ's and SmoothQuant's searches
+        # and KV-cache scales all observe activations; only fp8_pc_pt is data-free.
+        return self.qformat != "fp8_pc_pt" or self.kv_cache_qformat != "none"
+
+    def backend_params(self) -> dict:
+        # Engines are built from the checkpoint: they are not part of the quantized bytes.
+        return self.model_dump(mode="json", exclude={"name", "gate", "calibration", "engines"})
+
+
+Variant = Annotated[Union[LLMCompressorVariant, LlamaCppVariant, ModelOptVariant], Field(discriminator="backend")]

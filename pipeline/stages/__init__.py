@@ -11,7 +11,7 @@ import importlib
 VERSIONS: dict[str, int] = {
     "fetch": 2,
     "baseline": 2,
-    "quantize": 1,
+    "quantize": 2,
     "evaluate": 2,
     "gate": 1,
     "publish": 1,
@@ -20,6 +20,8 @@ VERSIONS: dict[str, int] = {
     "gguf_imatrix": 2,
     "gguf_quantize": 2,
     "gguf_speed": 1,
+    "trtllm_engine": 1,
+    "publish_engine": 1,
 }
 
 

@@ -56,6 +56,7 @@ class StageInput:
 
     result: dict[str, Any]
     entry: Entry | None = None
+    status: str = "cached"
 
     @property
     def data(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.serving import profile_files
 from pipeline.storage.manifest import build_manifest
 from pipeline.storage.publish import publish_variant
 
@@ -12,6 +13,9 @@ def run(ctx, stage, inputs, out=None) -> dict:
     if not gate["passed"]:
         return {"status": "not published (gate failed)"}
     manifest = build_manifest(ctx, stage, inputs)
+    profiles = stage.params.get("serving_profiles", [])
+    if profiles:
+        manifest["serving_profiles"] = profiles
     return publish_variant(
         ctx.storage_root,
         model=stage.params["model"],
@@ -19,4 +23,5 @@ def run(ctx, stage, inputs, out=None) -> dict:
         build_key=stage.key,
         files_from=inputs[f"quantize/{name}"].data,
         manifest=manifest,
+        extra_files=profile_files(profiles),
     )

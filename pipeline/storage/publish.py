@@ -60,9 +60,11 @@ def find_published(root: Path, model: str, variant: str, build_key: str) -> Path
 
 
 def publish_variant(
-    root: Path, *, model: str, variant: str, build_key: str, files_from: Path, manifest: dict[str, Any]
+    root: Path, *, model: str, variant: str, build_key: str, files_from: Path, manifest: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Copy ``files_from`` into a new immutable version with ``manifest``.
+    """Copy ``files_from`` (and ``extra_files``: relative path -> text, e.g. serving profiles)
+    into a new immutable version with ``manifest``.
 
     Returns:
         ``{status, path, version}``; status is ``published`` or ``already published``.
@@ -77,12 +79,20 @@ def publish_variant(
     try:
         parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(files_from, staging)
+        for rel, text in (extra_files or {}).items():
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
         manifest = {
             **manifest,
             "version": version,
             "files": file_records(staging),
             "serve": {e: cmd.format(path=final) for e, cmd in manifest["format"].get("serve", {}).items()},
         }
+        if manifest.get("serving_profiles"):
+            manifest["serving_profiles"] = [
+                {**p, "command": p["command"].format(path=final)} for p in manifest["serving_profiles"]
+            ]
         tmp = staging / f".{MANIFEST}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)

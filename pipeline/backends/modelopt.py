@@ -1,0 +1,329 @@
+"""TensorRT-LLM's formats through NVIDIA ModelOpt, exported as unified Hugging Face checkpoints.
+
+Quantization is ModelOpt's own flow (what its ``hf_ptq`` example does): load the checkpoint, take
+the preset config for the variant's ``qformat`` (``mtq.FP8_DEFAULT_CFG``, ``NVFP4_DEFAULT_CFG``,
+``INT4_AWQ_CFG``, ``INT8_SMOOTHQUANT_CFG``, ...; the KV-cache preset appended when asked),
+``mtq.quantize`` with a forward loop over the recipe's calibration samples, then
+``export_hf_checkpoint`` with the source's dtype for what stays unquantized. The export writes
+``hf_quant_config.json`` and a ``quantization_config`` in ``config.json`` (``quant_method:
+modelopt``), which TensorRT-LLM's PyTorch backend and vLLM read. ModelOpt's TensorRT-LLM checkpoint
+export is deprecated upstream and not used. Calibration runs in fp32 on CPUs (bf16 matmuls are ~5x
+slower there); scales come from those fp32 ranges.
+
+Evaluation scores the exported files, not the in-memory simulation (the export unifies scales of
+layers an engine fuses, e.g. q/k/v): ``pipeline.backends.modelopt_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.backends.base import Backend, FormatInfo
+from pipeline.backends.shapes import config_dtype, linear_input_widths, meta_model
+from pipeline.compat import check_parallelism, compute_capability
+from pipeline.errors import RecipeError, StageError
+
+# Engines, in modelbuild's names: "trtllm" is TensorRT-LLM's default (PyTorch) backend, served by
+# `trtllm-serve`; "trtllm-engine" its legacy TensorRT backend (an engine built per GPU
+# architecture from the checkpoint); "vllm" vLLM's ModelOpt integration.
+# GPU support per engine as compute capability ranges [low, high): TensorRT-LLM's support matrix
+# (FP8 on Ada/Hopper/Blackwell, FP8 row-wise on Hopper only, NVFP4 on Blackwell, W4A16 AWQ on
+# Ampere/Ada/Hopper, INT8 SmoothQuant from Ampere in TensorRT engines only) and vLLM's ModelOpt
+# integration (FP8 from 8.9, NVFP4 from 10.0; it rejects W4A16_AWQ and W8A8_SQ_PER_CHANNEL).
+_ANY = 99.0
+_QFORMATS: dict[str, dict[str, Any]] = {
+    "fp8": {"algo": "FP8", "bits": 8, "gpus": {"trtllm": (8.9, _ANY), "vllm": (8.9, _ANY), "trtllm-engine": (8.9, _ANY)},
+            "eval": "weights: stored FP8 (E4M3, per-tensor scales) dequantized exactly; input activations: FP8 "
+                    "with the exported static per-tensor scales, simulated in fp32"},
+    "fp8_pc_pt": {"algo": "FP8_PER_CHANNEL_PER_TOKEN", "bits": 8,
+                  "gpus": {"trtllm": (9.0, 10.0), "vllm": (8.9, _ANY), "trtllm-engine": (9.0, 10.0)},
+                  "eval": "weights: stored FP8 (E4M3, per-channel scales) dequantized exactly; input activations: "
+                          "FP8 per-token dynamic quantization simulated in fp32"},
+    "nvfp4": {"algo": "NVFP4", "bits": 4,
+              "gpus": {"trtllm": (10.0, _ANY), "vllm": (10.0, _ANY), "trtllm-engine": (10.0, _ANY)},
+              "eval": "weights: stored NVFP4 (E2M1, FP8 scales per 16, fp32 global scale) dequantized exactly; "
+                      "input activations: NVFP4 (FP8 scales per 16 computed per token group, exported global "
+                      "input scale) simulated in fp32"},
+    "int4_awq": {"algo": "W4A16_AWQ", "bits": 4, "gpus": {"trtllm": (8.0, 10.0), "trtllm-engine": (8.0, 10.0)},
+                 "eval": "weights: stored INT4 (per-block fp32 scales, AWQ pre-quant scales as exported) "
+                         "dequantized exactly; activations: not quantized (16-bit in the engine, fp32 here)"},
+    "int8_sq": {"algo": "W8A8_SQ_PER_CHANNEL", "bits": 8, "gpus": {"trtllm-engine": (8.0, _ANY)},
+                "eval": "weights: stored INT8 (per-channel scales) dequantized exactly; input activations: "
+                        "SmoothQuant pre-quant scales then INT8 with the exported static per-tensor scales, "
+                        "simulated in fp32"},
+}
+_QFORMATS["nvfp4_mlp_only"] = {**_QFORMATS["nvfp4"], "eval": _QFORMATS["nvfp4"]["eval"] + "; attention projections "
+                               "unquantized (16-bit) as exported"}
+_QFORMATS["nvfp4_omlp_only"] = {**_QFORMATS["nvfp4"], "eval": _QFORMATS["nvfp4"]["eval"] + "; q/k/v projections "
+                                "unquantized (16-bit) as exported"}
+_KV_EVAL = "; KV cache: FP8 with the exported per-layer k/v scales, simulated on post-RoPE keys and values"
+
+# How each engine serves a published folder ({path} is filled in at publish).
+_SERVE = {
+    "trtllm": "trtllm-serve {path} --backend pytorch",
+    "vllm": "vllm serve {path}",
+}
+
+
+class ModelOptBackend(Backend):
+    name = "modelopt"
+    distributions = (
+        ("modelopt", "nvidia-modelopt"),
+        ("transformers", "transformers"),
+        ("torch", "torch"),
+    )
+    extra = "modelopt"
+
+    def describe(self, variant: Any) -> FormatInfo:
+        info = _QFORMATS[variant.qformat]
+        engines = tuple(info["gpus"])
+        return FormatInfo(
+            format="modelopt-hf",
+            scheme=info["algo"] + ("+FP8_KV" if variant.kv_cache_qformat == "fp8" else ""),
+            weight_bits=info["bits"],
+            engines=engines,
+            min_compute_capability=min(low for low, _high in info["gpus"].values()),
+            serve={e: _SERVE[e] for e in engines if e in _SERVE},  # engines are built, then served
+            cpu_evaluation=info["eval"] + (_KV_EVAL if variant.kv_cache_qformat == "fp8" else ""),
+        )
+
+    def runs_on(self, variant: Any, compute_capability: float, engine: str | None = None) -> bool:
+        gpus = _QFORMATS[variant.qformat]["gpus"]
+        ranges = ([gpus[engine]] if engine in gpus else []) if engine is not None else list(gpus.values())
+        return any(low <= compute_capability < high for low, high in ranges)
+
+    def gpu_requirement(self, variant: Any) -> str:
+        gpus = _QFORMATS[variant.qformat]["gpus"]
+        return "; ".join(f"{engine}: compute capability {low:g}+" if high == _ANY else
+                         f"{engine}: compute capability {low:g} to below {high:g}" for engine, (low, high) in gpus.items())
+
+    def publish_params(self, variant: Any, planning: Any) -> dict[str, Any]:
+        from pipeline.serving import trtllm_profiles
+
+        return {"serving_profiles": trtllm_profiles(self, variant, planning.recipe.targets)}
+
+    def plan_stages(self, variant: Any, planning: Any) -> list:
+        """The standard chain, then per requested legacy engine: ``engine/<v>/<profile>`` (needs
+        a GPU of that architecture and TensorRT-LLM; built from the gated checkpoint) and
+        ``publish-engine/<v>/<profile>``."""
+        from pipeline.hardware import sm_name
+        from pipeline.plan.stage import Hints, Stage
+        from pipeline.plan.variant_stages import standard_stages
+        from pipeline.stages import VERSIONS
+
+        stages = standard_stages(self, variant, planning)
+        v = variant.name
+        for spec in variant.engines:
+            sm = sm_name(compute_capability(spec.gpu))
+            engine = Stage(
+                id=f"engine/{v}/{spec.profile}",
+                kind="trtllm_engine",
+                params={"variant": v, "engine": spec.model_dump(mode="json"), "sm": sm},
+                inputs=(f"quantize/{v}",),
+                after=(f"gate/{v}",),  # built only from a checkpoint that passed
+                tools=("tensorrt_llm", "tensorrt"),
+                version=VERSIONS["trtllm_engine"],
+                hints=Hints(needs_gpu=True, requires=(f"gpu:{sm}", "tensorrt_llm")),
+            )
+            publish = Stage(
+                id=f"publish-engine/{v}/{spec.profile}",
+                kind="publish_engine",
+                params={"model": planning.recipe.model_name, "variant": v, "name": f"{v}-trtllm-{spec.profile}",
+                        "engine_stage": engine.id},
+                inputs=(engine.id, f"quantize/{v}", f"evaluate/{v}", f"gate/{v}", "baseline", "fetch"),
+                version=VERSIONS["publish"],
+                cached=False,
+            )
+            planning.add(stages, engine)
+            planning.add(stages, publish)
+        return stages
+
+    def check_variant(self, variant: Any, model_config: Any) -> None:
+        """The installed ModelOpt has the presets; it can export the architecture; AWQ's block
+        size divides every quantized layer's input width; the KV cache can be calibrated."""
+        try:
+            mtq = _import_modelopt()
+            from modelopt.torch.export.model_utils import MODEL_NAME_TO_TYPE
+        except ImportError:
+            return  # check_environment reports the missing library
+        from pipeline.recipe.variants import MODELOPT_KV_QFORMATS, MODELOPT_QFORMATS
+
+        preset = MODELOPT_QFORMATS[variant.qformat]
+        if not hasattr(mtq, preset):
+            have = [q for q, p in MODELOPT_QFORMATS.items() if hasattr(mtq, p)]
+            raise RecipeError(f"qformat {variant.qformat} ({preset}) is not in the installed ModelOpt "
+                              f"{_version()}", field="qformat", fix=f"choose one of {', '.join(have)}")
+        if variant.kv_cache_qformat != "none" and not hasattr(mtq, MODELOPT_KV_QFORMATS[variant.kv_cache_qformat]):
+            raise RecipeError(f"kv_cache_qformat {variant.kv_cache_qformat} is not in the installed ModelOpt "
+                              f"{_version()}", field="kv_cache_qformat", fix="use kv_cache_qformat: none")
+        for i, spec in enumerate(variant.engines):
+            if not self.runs_on(variant, compute_capability(spec.gpu), "trtllm-engine"):
+                raise RecipeError(f"a TensorRT-LLM engine for {spec.gpu} cannot run {_QFORMATS[variant.qformat]['algo']} "
+                                  f"(needs {self.gpu_requirement(variant)})", field=f"engines.{i}.gpu",
+                                  fix="build the engine for a GPU that runs this format")
+        if model_config is None:
+            return
+        for i, spec in enumerate(variant.engines):
+            reason = check_parallelism(spec.tp, spec.pp, model_config)
+            if reason:
+                raise RecipeError(f"engine for {spec.gpu}: {reason}", field=f"engines.{i}.tp",
+                                  fix="choose a tp that divides the attention heads")
+        architecture = (getattr(model_config, "architectures", None) or [type(meta_model(model_config)).__name__])[0]
+        # ModelOpt's export names the model families it knows by a substring of the class name
+        # (its own get_model_type); anything else has no export (nor a TensorRT-LLM model).
+        if not any(key.lower() in architecture.lower() for key in MODEL_NAME_TO_TYPE):
+            raise RecipeError(
+                f"ModelOpt {_version()} cannot export architecture {architecture} (not among the model "
+                f"families its exporter knows)", field="qformat",
+                fix="use another backend for this model (llmcompressor or llamacpp)",
+            )
+        if variant.qformat == "int4_awq":
+            block = variant.awq_block_size or _preset_block_size(mtq, preset)
+            widths = linear_input_widths(model_config, ("lm_head",))
+            bad = [(n, w) for n, w in widths if w % block]
+            if bad:
+                fits = [g for g in (128, 64, 32) if all(w % g == 0 for _n, w in widths)]
+                name, width = bad[0]
+                raise RecipeError(
+                    f"AWQ block size {block} does not divide {name}'s {width} input features "
+                    f"({len(bad)} layer(s) affected); ModelOpt cannot export such blocks",
+                    field="awq_block_size", fix=f"set awq_block_size: {fits[0]}" if fits else "choose another qformat",
+                )
+
+    def quantize(self, variant: Any, source: Path, out: Path, *, calibration: Any, device: str) -> dict[str, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source_dtype = config_dtype(source)
+        mtq = _import_modelopt()
+        from modelopt.torch.export import export_hf_checkpoint
+
+        work_dtype = torch.float32 if device == "cpu" else source_dtype
+        with _quiet_library_logs():
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=work_dtype).to(device)
+        model.eval()
+        config = quant_config(variant)
+
+        def forward_loop(m):
+            with torch.no_grad():
+                for ids in calibration:
+                    m(torch.tensor([ids], device=device))
+
+        try:
+            with _quiet_library_logs():
+                mtq.quantize(model, config, forward_loop=forward_loop if calibration is not None else None)
+                # The export converts quantized weights to ``dtype`` but writes every other
+                # tensor (embeddings, norms, unquantized layers) as it finds it, and runs a
+                # forward (AWQ's scale fusion) that needs one dtype throughout: the whole model
+                # goes back to the source dtype first, as a bf16 model quantized on a GPU is
+                # (calibrated ranges are then bf16 values, as they are there).
+                model.to(source_dtype)
+                export_hf_checkpoint(model, dtype=source_dtype, export_dir=str(out))
+        except (ValueError, RuntimeError, AssertionError, NotImplementedError) as e:
+            raise StageError(f"ModelOpt failed on {variant.qformat}: {type(e).__name__}: {e}") from e
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        hf_quant = out / "hf_quant_config.json"
+        if not hf_quant.is_file():
+            raise StageError("ModelOpt's export wrote no hf_quant_config.json")
+        quantization = json.loads(hf_quant.read_text(encoding="utf-8"))["quantization"]
+        expected = _QFORMATS[variant.qformat]["algo"]
+        if quantization.get("quant_algo") != expected:
+            # A preset that quantized nothing exports no quant_algo: never publish that as quantized.
+            raise StageError(f"ModelOpt exported quant_algo {quantization.get('quant_algo')!r}, expected {expected}",
+                             fix="check that the model has layers the qformat quantizes")
+        return {
+            "quant_algo": quantization.get("quant_algo"),
+            "kv_cache_quant_algo": quantization.get("kv_cache_quant_algo"),
+            "exclude_modules": quantization.get("exclude_modules", []),
+            "source_dtype": str(source_dtype).removeprefix("torch."),
+            "calibration_samples": 0 if calibration is None else len(calibration),
+        }
+
+    def load_for_eval(self, path: Path, device: str) -> Any:
+        from pipeline.backends.modelopt_checkpoint import load_exported
+
+        return load_exported(path, device)
+
+
+def quant_config(variant) -> dict[str, Any]:
+    """ModelOpt's preset for the variant, with its AWQ settings and the KV-cache preset appended
+    (as hf_ptq does: later entries of ``quant_cfg`` override earlier ones)."""
+    from pipeline.recipe.variants import MODELOPT_KV_QFORMATS, MODELOPT_QFORMATS
+
+    mtq = _import_modelopt()
+    config = copy.deepcopy(getattr(mtq, MODELOPT_QFORMATS[variant.qformat]))
+    if variant.qformat == "int4_awq":
+        if variant.awq_alpha_step is not None:
+            config["algorithm"] = {**config["algorithm"], "alpha_step": variant.awq_alpha_step}
+        if variant.awq_block_size is not None:
+            for entry in _entries(config, "*weight_quantizer"):
+                sizes = {k: v for k, v in entry["cfg"]["block_sizes"].items() if k not in (-1, "-1")}
+                entry["cfg"]["block_sizes"] = {-1: variant.awq_block_size, **sizes}
+    if variant.kv_cache_qformat != "none":
+        kv = getattr(mtq, MODELOPT_KV_QFORMATS[variant.kv_cache_qformat])
+        config["quant_cfg"] = list(config["quant_cfg"]) + copy.deepcopy(list(kv["quant_cfg"]))
+    return config
+
+
+def _entries(config, name: str) -> list[dict]:
+    found = [e for e in config["quant_cfg"] if isinstance(e, dict) and e.get("quantizer_name") == name and "cfg" in e]
+    if not found:
+        raise StageError(f"ModelOpt's preset has no {name!r} entry to configure", fix="check the pinned ModelOpt version")
+    return found
+
+
+def _preset_block_size(mtq, preset: str) -> int:
+    for entry in getattr(mtq, preset)["quant_cfg"]:
+        if isinstance(entry, dict) and entry.get("quantizer_name") == "*weight_quantizer":
+            sizes = entry.get("cfg", {}).get("block_sizes", {})
+            return int(sizes.get(-1, sizes.get("-1", 128)))
+    return 128
+
+
+def _import_modelopt():
+    """``modelopt.torch.quantization``. Its import pulls DeepSpeed, which logs a warning when it
+    finds no accelerator; on such machines DeepSpeed is told the CPU is meant."""
+    import importlib
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return importlib.import_module("modelopt.torch.quantization")
+
+
+def _version() -> str:
+    from pipeline.plan.stage import tool_version
+
+    return tool_version("nvidia-modelopt")
+
+
+@contextlib.contextmanager
+def _quiet_library_logs():
+    """ModelOpt prints per-step progress (and its deepspeed import an accelerator banner); keep
+    the run's output readable unless MODELBUILD_DEBUG=1."""
+    if os.environ.get("MODELBUILD_DEBUG") == "1":
+        yield
+        return
+    import io
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # the export's "Writing model shards" bar
+    hf_logging.set_verbosity_error()  # the export passes transformers a deprecated argument name
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

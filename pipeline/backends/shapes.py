@@ -1,0 +1,55 @@
+"""What a model's architecture looks like, read from its config without loading weights.
+
+Backends use these at plan time (does a group size divide every targeted layer's input width?)
+and to name modules; everything is built on the meta device, so no memory is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+
+def meta_model(config):
+    """A weightless (meta-device) instance of the architecture: names and shapes, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def matches(name: str, patterns) -> bool:
+    """llm-compressor's module-name patterns: ``re:<regex>`` or an exact name / dotted suffix."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+def linear_input_widths(config, ignore=(), model=None) -> list[tuple[str, int]]:
+    """(name, in_features) of every Linear not matched by ``ignore``."""
+    import torch
+
+    model = model if model is not None else meta_model(config)
+    return [(n, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not matches(n, ignore)]
+
+
+def weight_owners(config) -> set[str]:
+    """Names of all modules of the architecture that own a ``weight`` parameter."""
+    model = meta_model(config)
+    return {name.rsplit(".", 1)[0] for name, _p in model.named_parameters() if name.endswith(".weight")}
+
+
+def config_dtype(folder: Path):
+    """The checkpoint's storage dtype from its ``config.json`` (float32 when unset)."""
+    import torch
+
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
