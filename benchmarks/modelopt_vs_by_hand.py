@@ -9,8 +9,8 @@ from the same bf16 checkpoint (the recipe's fetched baseline):
     (built by the same helper, so both sides run the very same ModelOpt work),
     back to bf16, ``export_hf_checkpoint``, save the tokenizer. Calibrated in fp32 like modelbuild
     on CPUs (bf16 matmuls are ~5x slower here, which would flatter modelbuild).
-Prints wall time and peak RSS of both and their ratios (target <= 1.1x), and checks both exports
-hold the same tensors.
+Prints medians over ``--repeat`` pairs (the side that goes first alternates) of wall time and peak
+RSS of both and their ratios (target <= 1.1x), and checks both exports hold the same tensors.
 
 Usage: .venv/bin/python benchmarks/modelopt_vs_by_hand.py [RECIPE] [--cache-dir D] [--only a,b]
 The recipe's fetch stage must be in the cache (run the recipe once).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("recipe", nargs="?", default=str(REPO / "recipes" / "smollm2-135m-instruct.yaml"))
     ap.add_argument("--cache-dir", default=os.environ.get("MODELBUILD_CACHE", str(Path.home() / ".cache" / "modelbuild")))
     ap.add_argument("--only", default="", help="comma-separated variant names")
+    ap.add_argument("--repeat", type=int, default=3, help="pairs per variant (medians are printed)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from pipeline.recipe import load_recipe
@@ -88,16 +90,40 @@ def main() -> None:
     print(f"{'variant':26}{'modelbuild':>12}{'by hand':>10}{'ratio':>8}{'RSS mb':>9}{'RSS hand':>10}{'ratio':>8}"
           f"{'same bytes':>12}")
     for name in variants:
-        with tempfile.TemporaryDirectory() as scratch:
-            single = single_variant_recipe(Path(args.recipe), name, Path(scratch))
-            ours = measure([sys.executable, "-c", MODELBUILD, str(single), args.cache_dir, scratch, name])
-            facts = json.loads(ours["stdout"].strip().splitlines()[-1])
-            hand_out = Path(scratch) / "hand"
-            hand = measure([sys.executable, "-c", BY_HAND, args.recipe, facts["checkpoint"], str(hand_out), name])
-            same = _same_tensors(Path(facts["export"]), hand_out)
+        ours_runs, hand_runs, same = [], [], True
+        for rep in range(args.repeat):
+            with tempfile.TemporaryDirectory() as scratch:
+                single = single_variant_recipe(Path(args.recipe), name, Path(scratch))
+                hand_out = Path(scratch) / "hand"
+                checkpoint = _fetched_checkpoint(single, args.cache_dir)
+                ours_cmd = [sys.executable, "-c", MODELBUILD, str(single), args.cache_dir, scratch, name]
+                hand_cmd = [sys.executable, "-c", BY_HAND, args.recipe, checkpoint, str(hand_out), name]
+                # Alternate which side goes first: a shared machine's load drifts.
+                first, second = (ours_cmd, hand_cmd) if rep % 2 == 0 else (hand_cmd, ours_cmd)
+                a, b = measure(first), measure(second)
+                ours, hand = (a, b) if rep % 2 == 0 else (b, a)
+                facts = json.loads(ours["stdout"].strip().splitlines()[-1])
+                same = same and _same_tensors(Path(facts["export"]), hand_out)
+            ours_runs.append(ours)
+            hand_runs.append(hand)
+        ours = {k: statistics.median(r[k] for r in ours_runs) for k in ("wall_s", "rss_mb")}
+        hand = {k: statistics.median(r[k] for r in hand_runs) for k in ("wall_s", "rss_mb")}
         print(f"{name:26}{ours['wall_s']:>11.1f}s{hand['wall_s']:>9.1f}s{ours['wall_s'] / hand['wall_s']:>7.2f}x"
               f"{ours['rss_mb']:>9.0f}{hand['rss_mb']:>10.0f}{ours['rss_mb'] / hand['rss_mb']:>7.2f}x{str(same):>12}",
               flush=True)
+
+
+def _fetched_checkpoint(recipe: Path, cache_dir: str) -> str:
+    """The bf16 checkpoint of the recipe's cached fetch stage (both sides start from it)."""
+    from pipeline.cache.store import CacheStore
+    from pipeline.orchestrate import prepare
+    from pipeline.progress import Reporter
+
+    prepared = prepare(recipe, cache_dir=Path(cache_dir), storage=None, reporter=Reporter())
+    entry = CacheStore(Path(cache_dir)).get(prepared.plan.by_id()["fetch"].key)
+    if entry is None:
+        sys.exit("the recipe's fetch stage is not in the cache: run the recipe once first")
+    return str(entry.data)
 
 
 if __name__ == "__main__":
