@@ -186,7 +186,6 @@ def test_modelopt_variants_carry_engines_and_serving_profiles(demo):
 def test_modelopt_and_llmcompressor_agree_where_they_build_the_same_format(demo):
     """ModelOpt FP8 (per-tensor weights and static activations) lands near llm-compressor's FP8
     static; INT4 AWQ of both stays within the 4-bit band; the FP8 checkpoint still answers."""
-    import torch
     from transformers import AutoTokenizer
 
     from pipeline.backends.modelopt_checkpoint import load_exported
@@ -198,7 +197,6 @@ def test_modelopt_and_llmcompressor_agree_where_they_build_the_same_format(demo)
     folder = next((demo["dirs"]["storage"] / "smollm2-135m-instruct" / "modelopt-fp8").iterdir())
     model = load_exported(folder, "cpu")
     assert "Paris" in _greedy(model, AutoTokenizer.from_pretrained(folder), "The capital of France is")
-    del torch
 
 
 def test_engine_recipe_plans_engines_and_reports_them_not_built(demo):
