@@ -271,6 +271,30 @@ def test_verify_reports_each_mismatch(cli, recipe_factory, dirs):
     assert "not in manifest: extra.txt" in err
 
 
+def test_published_files_share_the_cache_inode_read_only(cli, recipe_factory, dirs):
+    """Same filesystem: a published file is a read-only hard link to its immutable cache entry."""
+    assert cli("run", recipe_factory())[0] == 0
+    [version] = _published(dirs["storage"])
+    published = version / "model.safetensors"
+    [cached] = [p for p in (dirs["cache"] / "objects").rglob("model.safetensors")
+                if p.stat().st_ino == published.stat().st_ino]
+    assert published.stat().st_nlink >= 2 and not published.stat().st_mode & 0o222
+    assert cached.read_bytes() == published.read_bytes()
+
+
+def test_publish_copies_when_asked(tmp_path):
+    from pipeline.storage.publish import publish_variant
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"w" * 10)
+    manifest = {"format": {"serve": {}}}
+    out = publish_variant(tmp_path / "store", model="m", variant="v", build_key="k" * 64, files_from=src,
+                          manifest=manifest, link=False)
+    copy = Path(out["path"]) / "w.bin"
+    assert copy.read_bytes() == b"w" * 10 and copy.stat().st_ino != (src / "w.bin").stat().st_ino
+
+
 def _spawn_run(recipe: Path, dirs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(

@@ -4,6 +4,11 @@ Layout: ``<root>/<model>/<variant>/<version>/`` where ``version`` is the UTC tim
 12 hex digits of the build key. A version is assembled in a dot-prefixed staging folder beside
 it and appears by one rename, manifest included, so a reader never sees half of it. A build key
 that is already published is not published again.
+
+Files come from the stage cache, whose entries are immutable. When the storage root is on the
+same filesystem, a published file is a hard link to the cached one (made read-only) instead of
+a second copy, as DVC's cache links do: a demo build otherwise holds every variant twice on disk.
+``link=False`` asks for independent copies.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def find_published(root: Path, model: str, variant: str, build_key: str) -> Path
 
 def publish_variant(
     root: Path, *, model: str, variant: str, build_key: str, files_from: Path, manifest: dict[str, Any],
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str] | None = None, link: bool = True,
 ) -> dict[str, Any]:
     """Copy ``files_from`` (and ``extra_files``: relative path -> text, e.g. serving profiles)
     into a new immutable version with ``manifest``.
@@ -78,7 +83,7 @@ def publish_variant(
     staging = parent / f".staging-{version}-{secrets.token_hex(4)}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(files_from, staging)
+        shutil.copytree(files_from, staging, copy_function=_link_or_copy if link else shutil.copy2)
         for rel, text in (extra_files or {}).items():
             target = staging / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,3 +110,14 @@ def publish_variant(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"status": "published", "path": str(final), "version": version}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` (read-only from then on) where the filesystem allows, else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+        return
+    # The link shares the cache's inode: writing through either name would change both.
+    os.chmod(dst, os.stat(dst).st_mode & ~0o222)
