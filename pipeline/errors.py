@@ -7,11 +7,11 @@
     │   ├── RecipeError                           recipe file: YAML, schema, cross-field checks
     │   ├── SourceError                           model source: missing, no weights, corrupt, pickle
     │   ├── DataError                             calibration / eval corpora
-    │   └── StorageError                          publish root not usable
+    │   └── StorageError                          storage root or reference unusable (scheme, bucket, credentials, names)
     ├── ToolError                        exit 2   a backend's library is missing or too old
     ├── StageError                       exit 4   a stage failed while running
     ├── GateFailed                       exit 3   a variant missed its quality gate
-    ├── IntegrityError                   exit 5   published files differ from their manifest
+    ├── IntegrityError                   exit 5   published files or manifests differ from their records
     ├── NeedsHardware                    exit 6   stages need a machine this is not (e.g. a GPU builder)
     └── Interrupted                      exit 130 Ctrl-C; nothing half-written was kept
 
@@ -81,7 +81,8 @@ class DataError(InputError):
 
 
 class StorageError(InputError):
-    """The storage root cannot be written."""
+    """The storage root or a reference into it is unusable: unknown scheme, missing bucket,
+    refused credentials, unwritable folder, unknown or unsafe model/variant/version names."""
 
 
 class ToolError(ModelbuildError):

@@ -64,6 +64,17 @@ def file_records(root: Path, exclude: tuple[str, ...] = ()) -> list[dict[str, An
     return records
 
 
+def parallel_map(fn, items: list, workers: int | None = None) -> list:
+    """``[fn(x) for x in items]`` on threads: hashlib and file I/O release the GIL, so hashing
+    several files uses several cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        return list(pool.map(fn, items))
+
+
 def tree_digest(records: list[dict[str, Any]]) -> str:
     """Digest of a tree described by ``file_records`` (paths and content, not timestamps)."""
     return digest_json([[r["path"], r["sha256"]] for r in records])

@@ -16,7 +16,7 @@ from pipeline.plan.build import Plan, build_plan
 from pipeline.progress import Reporter
 from pipeline.recipe.load import LoadedRecipe, load_recipe
 from pipeline.stages.context import RunContext
-from pipeline.storage.publish import check_writable
+from pipeline.storage.location import open_storage
 
 
 def default_cache_dir() -> Path:
@@ -27,13 +27,14 @@ def default_cache_dir() -> Path:
     return Path(base) / "modelbuild"
 
 
-def storage_root(loaded: LoadedRecipe, override: Path | None) -> Path:
-    """``--storage``, else the recipe's ``publish.root``, else ``./artifacts``."""
+def storage_root(loaded: LoadedRecipe, override: str | os.PathLike[str] | None) -> str:
+    """``--storage``, else the recipe's ``publish.root``, else ``./artifacts`` (a folder or a URL)."""
     if override is not None:
-        return Path(override).expanduser().resolve()
+        override = str(override)
+        return override if "://" in override else str(Path(override).expanduser().resolve())
     if loaded.recipe.publish.root is not None:
-        return Path(loaded.recipe.publish.root)
-    return (Path.cwd() / "artifacts").resolve()
+        return loaded.recipe.publish.root
+    return str((Path.cwd() / "artifacts").resolve())
 
 
 @dataclass
@@ -41,10 +42,10 @@ class Prepared:
     loaded: LoadedRecipe
     plan: Plan
     store: CacheStore
-    storage: Path
+    storage: str
 
 
-def prepare(recipe_path: Path, *, cache_dir: Path | None, storage: Path | None, reporter: Reporter) -> Prepared:
+def prepare(recipe_path: Path, *, cache_dir: Path | None, storage: str | os.PathLike[str] | None, reporter: Reporter) -> Prepared:
     """Load, check and plan a recipe; no stage runs.
 
     Raises:
@@ -60,7 +61,7 @@ def prepare(recipe_path: Path, *, cache_dir: Path | None, storage: Path | None, 
 
 def run(prepared: Prepared, *, device: str, reporter: Reporter) -> Report:
     """Execute a prepared plan: the storage root is probed first, so nothing runs for nothing."""
-    check_writable(prepared.storage)
+    open_storage(prepared.storage, s3=prepared.loaded.recipe.publish.s3.model_dump(exclude_none=True)).check_writable()
     write_lock(prepared)
     ctx = RunContext(
         loaded=prepared.loaded,

@@ -1,11 +1,19 @@
-"""Serving profiles: how each deployment target runs a published TensorRT-LLM variant.
+"""Serving profiles: how each deployment target runs a published variant, per engine.
 
-A profile is TensorRT-LLM's ``trtllm-serve`` command for one target shape (tensor/pipeline
-parallel size, batch and token limits) plus its extra options file (``--extra_llm_api_options``,
-accepted by every 1.x release; newer ones also call it ``--config``): the LLM API arguments of the
-PyTorch backend, KV-cache dtype and memory fraction included. Profiles are named like the
-ecosystem's (``trtllm-fp8-tp2``); targets whose GPU cannot run the format get none (the planner
-already refused a variant that no target can run).
+- **TensorRT-LLM**: ``trtllm-serve`` for one target shape (tensor/pipeline parallel size, batch
+  and token limits) plus its extra options file (``--extra_llm_api_options``, accepted by every
+  1.x release; newer ones also call it ``--config``): the LLM API arguments of the PyTorch
+  backend, KV-cache dtype and memory fraction included.
+- **vLLM**: ``vllm serve PATH --config FILE``, the file holding ``vllm serve``'s own long options
+  (tensor/pipeline parallel size, ``max-num-seqs``, ``max-num-batched-tokens``, ``max-model-len``,
+  KV-cache dtype); the quantization method is read from the checkpoint's config, as vLLM does.
+- **llama.cpp**: ``llama-server`` arguments (it has no options file): one CPU profile, and one
+  offloading every layer to the GPU when the recipe declares GPU targets.
+
+Profiles are named like the ecosystem's (``trtllm-fp8-tp2``, ``vllm-w4a16-tp1``,
+``llamacpp-q4_k_m-cpu``); targets whose GPU cannot run the format in an engine get no profile for
+it (the planner already refused a variant that no target can run). ``{path}`` in a command is the
+published folder, ``{file}`` (llama.cpp) the GGUF file, both filled in at publish.
 """
 
 from __future__ import annotations
@@ -69,6 +77,74 @@ def _options(variant, target) -> dict[str, Any]:
     return options
 
 
+def vllm_profiles(backend, variant, targets, fmt) -> list[dict[str, Any]]:
+    """``vllm serve`` profiles, one per distinct shape among the targets that run the variant in vLLM."""
+    profiles: dict[str, dict[str, Any]] = {}
+    slug = _slug(fmt.scheme)
+    kv_fp8 = getattr(variant, "kv_cache_qformat", None) == "fp8"
+    for target in targets:
+        if not backend.runs_on(variant, compute_capability(target.gpu), "vllm"):
+            continue
+        options: dict[str, Any] = {
+            "tensor-parallel-size": target.tp,
+            "pipeline-parallel-size": target.pp,
+            "max-num-seqs": target.max_batch_size,
+            "max-num-batched-tokens": target.max_num_tokens,
+            "kv-cache-dtype": "fp8" if kv_fp8 else "auto",
+            "host": "0.0.0.0",
+            "port": 8000,
+        }
+        if target.max_seq_len:
+            options["max-model-len"] = target.max_seq_len
+        name = f"vllm-{slug}-tp{target.tp}" + (f"-pp{target.pp}" if target.pp > 1 else "")
+        if name in profiles and profiles[name]["options"] != options:
+            name = f"{name}-{target.gpu.lower()}"
+        if name in profiles:
+            profiles[name]["gpus"].append(target.gpu)
+            continue
+        options_file = f"{PROFILE_DIR}/{name}.yaml"
+        profiles[name] = {"name": name, "engine": "vllm", "gpus": [target.gpu], "tp": target.tp, "pp": target.pp,
+                          "options_file": options_file, "options": options,
+                          "command": f"vllm serve {{path}} --config {{path}}/{options_file}"}
+    return list(profiles.values())
+
+
+def llamacpp_profiles(variant, targets) -> list[dict[str, Any]]:
+    """``llama-server`` profiles: CPU, plus full GPU offload when the recipe declares GPU targets."""
+    slug = _slug(variant.type)
+    out = []
+    shapes = [("cpu", 2, None, [])] + ([("gpu", min(16, max(t.max_batch_size for t in targets)),
+                                        max((t.max_seq_len or 0) for t in targets) or None,
+                                        [t.gpu for t in targets])] if targets else [])
+    for kind, slots, seq_len, gpus in shapes:
+        args = ["--host", "0.0.0.0", "--port", "8080", "--parallel", str(slots),
+                # llama-server splits --ctx-size across its slots; 0 takes the model's context length.
+                "--ctx-size", str(slots * seq_len) if seq_len else "0"]
+        if kind == "gpu":
+            args += ["--n-gpu-layers", "999"]
+        name = f"llamacpp-{slug}-{kind}"
+        out.append({"name": name, "engine": "llama.cpp", "gpus": gpus, "args": args,
+                    "command": " ".join(["llama-server", "-m", "{path}/{file}", *args])})
+    return out
+
+
+def profiles_for(backend, variant, targets) -> list[dict[str, Any]]:
+    """Every engine's profiles for a variant (what its publish stage records)."""
+    fmt = backend.describe(variant)
+    out = []
+    if "trtllm" in fmt.engines and hasattr(variant, "qformat"):
+        out += trtllm_profiles(backend, variant, targets)
+    if "vllm" in fmt.engines:
+        out += vllm_profiles(backend, variant, targets, fmt)
+    if "llama.cpp" in fmt.engines:
+        out += llamacpp_profiles(variant, targets)
+    return out
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "-" for c in str(text).lower()).strip("-")
+
+
 def profile_files(profiles: list[dict[str, Any]]) -> dict[str, str]:
     """Relative path -> YAML text of each profile's options file."""
-    return {p["options_file"]: yaml.safe_dump(p["options"], sort_keys=False) for p in profiles}
+    return {p["options_file"]: yaml.safe_dump(p["options"], sort_keys=False) for p in profiles if "options_file" in p}

@@ -45,7 +45,7 @@ def gguf_recipe(folder: Path, model: Path, wikitext: Path, variants: str, *, cal
 
 
 def _published(storage: Path, variant: str) -> Path:
-    [version] = [p for p in (storage / "tiny-smol" / variant).iterdir() if not p.name.startswith(".")]
+    [version] = [p for p in (storage / "tiny-smol" / variant).iterdir() if (p / "manifest.json").is_file()]
     return version
 
 

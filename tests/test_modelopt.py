@@ -68,7 +68,7 @@ def test_format_is_exported_gated_and_published(built, name):
     assert "dequantized exactly" in manifest["evaluation"]["method"]
     assert ("KV cache: FP8" in manifest["evaluation"]["method"]) == (name == "mo-fp8-kv")
     assert manifest["tools"]["nvidia-modelopt"] not in ("", "not-installed")
-    assert {g for p in manifest.get("serving_profiles", []) for g in p["gpus"]} == profiled
+    assert {g for p in manifest.get("serving_profiles", []) if p["engine"] == "trtllm" for g in p["gpus"]} == profiled
     assert verify_folder(folder) == []
     # What the export leaves unquantized keeps the source's dtype (bf16), as on a GPU.
     from safetensors import safe_open
@@ -80,7 +80,8 @@ def test_format_is_exported_gated_and_published(built, name):
 
 def test_serving_profiles_are_trtllm_serve_commands_with_valid_options(built):
     folder = built["published"]["mo-fp8-kv"]
-    profiles = {p["name"]: p for p in json.loads((folder / "manifest.json").read_text())["serving_profiles"]}
+    profiles = {p["name"]: p for p in json.loads((folder / "manifest.json").read_text())["serving_profiles"]
+                if p["engine"] == "trtllm"}
     assert set(profiles) == {"trtllm-fp8-tp2", "trtllm-fp8-tp4"}
     tp4 = profiles["trtllm-fp8-tp4"]
     assert tp4["gpus"] == ["B200"] and tp4["tp"] == 4
@@ -93,7 +94,20 @@ def test_serving_profiles_are_trtllm_serve_commands_with_valid_options(built):
     assert cmd[cmd.index("--tp_size") + 1] == "4"
     assert cmd[cmd.index("--extra_llm_api_options") + 1] == str(folder / "serving" / "trtllm-fp8-tp4.yaml")
     plain = json.loads((built["published"]["mo-fp8"] / "manifest.json").read_text())["serving_profiles"]
-    assert all(p["options"]["kv_cache_config"]["dtype"] == "auto" for p in plain)
+    assert all(p["options"]["kv_cache_config"]["dtype"] == "auto" for p in plain if p["engine"] == "trtllm")
+
+
+def test_vllm_profiles_for_modelopt_fp8_with_vllm_serve_options(built):
+    """vLLM loads ModelOpt FP8: a `vllm serve --config` file per shape, KV dtype carried over."""
+    folder = built["published"]["mo-fp8-kv"]
+    profiles = {p["name"]: p for p in json.loads((folder / "manifest.json").read_text())["serving_profiles"]
+                if p["engine"] == "vllm"}
+    assert set(profiles) == {"vllm-fp8-fp8_kv-tp2", "vllm-fp8-fp8_kv-tp4"}
+    tp4 = profiles["vllm-fp8-fp8_kv-tp4"]
+    options = yaml.safe_load((folder / tp4["options_file"]).read_text())
+    assert options["tensor-parallel-size"] == 4 and options["kv-cache-dtype"] == "fp8"
+    assert options["max-num-seqs"] == 128
+    assert tp4["command"] == f"vllm serve {folder} --config {folder}/serving/vllm-fp8-fp8_kv-tp4.yaml"
 
 
 def test_exported_checkpoint_is_scored_with_its_scales(built):

@@ -283,13 +283,14 @@ def test_published_files_share_the_cache_inode_read_only(cli, recipe_factory, di
 
 
 def test_publish_copies_when_asked(tmp_path):
+    from pipeline.storage.local import LocalStorage
     from pipeline.storage.publish import publish_variant
 
     src = tmp_path / "src"
     src.mkdir()
     (src / "w.bin").write_bytes(b"w" * 10)
     manifest = {"format": {"serve": {}}}
-    out = publish_variant(tmp_path / "store", model="m", variant="v", build_key="k" * 64, files_from=src,
+    out = publish_variant(LocalStorage(tmp_path / "store"), model="m", variant="v", build_key="k" * 64, files_from=src,
                           manifest=manifest, link=False)
     copy = Path(out["path"]) / "w.bin"
     assert copy.read_bytes() == b"w" * 10 and copy.stat().st_ino != (src / "w.bin").stat().st_ino

@@ -38,6 +38,13 @@ def demo(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
+def _version(demo, variant: str) -> Path:
+    """The one published version folder of a demo variant."""
+    [folder] = [p for p in (demo["dirs"]["storage"] / "smollm2-135m-instruct" / variant).iterdir()
+                if (p / "manifest.json").is_file()]
+    return folder
+
+
 def _greedy(model, tokenizer, prompt: str, n: int = 8) -> str:
     import torch
 
@@ -143,7 +150,7 @@ def test_published_variants_load_back_with_transformers(demo, name):
 
     from pipeline.backends.llmcompressor import LLMCompressorBackend
 
-    folder = next((demo["dirs"]["storage"] / "smollm2-135m-instruct" / name).iterdir())
+    folder = _version(demo, name)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     text = (REPO.parent / "shared/data/wikitext-2/test.txt").read_text()[:2000]
@@ -169,9 +176,15 @@ def test_rerun_is_a_no_op(demo):
 
 def test_modelopt_variants_carry_engines_and_serving_profiles(demo):
     """Each ModelOpt checkpoint names only the engines that load it and has one trtllm-serve
-    profile per target GPU that runs it (the demo targets L40S, H100 and B200, tp 1)."""
+    profile per target GPU that runs it (the demo targets L40S, H100 and B200, tp 1), and a
+    `vllm serve` profile where vLLM loads the format."""
     manifests = _manifests(demo)
-    profiles = {n: {g for p in manifests[n].get("serving_profiles", []) for g in p["gpus"]} for n in MODELOPT}
+    profiles = {n: {g for p in manifests[n].get("serving_profiles", []) if p["engine"] == "trtllm" for g in p["gpus"]}
+                for n in MODELOPT}
+    vllm = {n: {g for p in manifests[n].get("serving_profiles", []) if p["engine"] == "vllm" for g in p["gpus"]}
+            for n in MODELOPT}
+    assert vllm["modelopt-fp8"] == vllm["modelopt-fp8-pc-pt"] == {"L40S", "H100", "B200"}
+    assert vllm["modelopt-nvfp4"] == {"B200"} and vllm["modelopt-int4-awq"] == set()
     assert profiles["modelopt-fp8"] == {"L40S", "H100", "B200"}
     assert profiles["modelopt-fp8-pc-pt"] == {"H100"}  # TensorRT-LLM's FP8 row-wise kernels: Hopper only
     assert profiles["modelopt-nvfp4"] == profiles["modelopt-nvfp4-mlp-only"] == {"B200"}
@@ -184,6 +197,7 @@ def test_modelopt_variants_carry_engines_and_serving_profiles(demo):
         assert (folder / "hf_quant_config.json").is_file()
         for profile in manifests[name].get("serving_profiles", []):
             assert (folder / profile["options_file"]).is_file()
+        assert not any("{" in p["command"] for p in manifests[name].get("serving_profiles", []))
 
 
 def test_modelopt_and_llmcompressor_agree_where_they_build_the_same_format(demo):
@@ -197,7 +211,7 @@ def test_modelopt_and_llmcompressor_agree_where_they_build_the_same_format(demo)
     assert 0.5 < kld["modelopt-fp8"] / kld["fp8-static"] < 2.0
     assert kld["modelopt-int4-awq"] < 0.4 and kld["w4a16-awq"] < 0.4
     assert max(kld[n] for n in ("modelopt-fp8", "modelopt-fp8-pc-pt")) < min(kld[n] for n in ("modelopt-nvfp4", "modelopt-int4-awq"))
-    folder = next((demo["dirs"]["storage"] / "smollm2-135m-instruct" / "modelopt-fp8").iterdir())
+    folder = _version(demo, "modelopt-fp8")
     model = load_exported(folder, "cpu")
     assert "Paris" in _greedy(model, AutoTokenizer.from_pretrained(folder), "The capital of France is")
 
@@ -216,3 +230,124 @@ def test_engine_recipe_plans_engines_and_reports_them_not_built(demo):
     lines = [x for x in run.stderr.splitlines() if x.startswith("engine/modelopt-fp8/")]
     assert len(lines) == 2 and all("not built, needs an NVIDIA GPU of architecture" in x for x in lines)
     assert not list((demo["dirs"]["storage"] / "smollm2-135m-instruct").glob("modelopt-fp8-trtllm-*"))
+
+
+def _store_cli(*args: str, dirs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args, "--storage", str(dirs["storage"])],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def gguf_store(request, demo, tmp_path) -> dict:
+    """The demo's store, or a loopback S3 bucket that the demo's GGUF Q4_K_M is published to by a
+    run of the demo recipe cut to that variant (every stage but publish comes from the cache)."""
+    if request.param == "filesystem":
+        return demo["dirs"]
+    import boto3
+    import yaml
+
+    endpoint = request.getfixturevalue("s3_endpoint")
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="demo-gguf")
+    data = yaml.safe_load(DEMO.read_text())
+    data["variants"] = [v for v in data["variants"] if v["name"] == "gguf-q4_k_m"]
+    assert data["variants"]
+    for section, key in (("calibration", "path"), ("eval", "corpus")):
+        data[section][key] = str((DEMO.parent / data[section][key]).resolve())
+    recipe = tmp_path / "q4.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    dirs = {"cache": demo["dirs"]["cache"], "storage": "s3://demo-gguf/models"}
+    run = _modelbuild("run", str(recipe), dirs=dirs)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "quantize/gguf-q4_k_m: running" not in run.stderr
+    return dirs
+
+
+def test_llamacpp_variant_selected_pulled_and_served(gguf_store, tmp_path):
+    """A serving replica's path, for real, from a filesystem store and from S3: select the best
+    GGUF for a CPU, pull it with verification, start llama.cpp's own OpenAI-compatible server
+    with the published profile's arguments on loopback, ask for a completion, stop it."""
+    import socket
+    import time
+    import urllib.request
+
+    from pipeline.toolchains.llamacpp import find
+
+    dirs = gguf_store
+    chosen = _store_cli("select", "--engine", "llamacpp", "--gpu", "cpu", "--json", dirs=dirs)
+    assert chosen.returncode == 0, chosen.stderr
+    entry = json.loads(chosen.stdout)
+    assert entry["engines"] == ["llama.cpp"]
+    dest = tmp_path / "replica"
+    pulled = _store_cli("pull", entry["ref"], str(dest), dirs=dirs)
+    assert pulled.returncode == 0, pulled.stderr
+    assert _store_cli("verify", str(dest), dirs=dirs).returncode == 0
+    manifest = json.loads((dest / "manifest.json").read_text())
+    [profile] = [p for p in manifest["serving_profiles"] if p["name"].endswith("-cpu")]
+    argv = profile["command"].replace(entry["path"], str(dest)).split()
+    assert argv[0] == "llama-server"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [str(find().tool("llama-server")), *argv[1:]]
+    argv[argv.index("--host") + 1], argv[argv.index("--port") + 1] = "127.0.0.1", str(port)
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, server.stderr.read()[-2000:]
+            assert time.time() < deadline, "llama-server did not become ready"
+            time.sleep(0.5)
+        body = json.dumps({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.loads(r.read())
+        text = answer["choices"][0]["text"]
+        assert text.strip(), answer
+        if entry["metrics"]["mean_kld"] < 0.05:  # near-lossless (the demo store's best): answers like the model
+            assert "Paris" in text, text
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
+            served = json.loads(r.read())
+        assert any(manifest["gguf"]["files"][0] in m["id"] for m in served["data"]), served
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_demo_store_lists_selects_and_deploys(demo, tmp_path):
+    """The consumer commands on the demo's real store: every published version is indexed with
+    its measured KLD; select honours engine, GPU and size; deploy writes a compose file for it."""
+    dirs = demo["dirs"]
+    listed = json.loads(_store_cli("list", "--json", dirs=dirs).stdout)
+    assert len(listed) == len(_manifests(demo)) and all(e["metrics"]["mean_kld"] >= 0 for e in listed)
+    fp8_l40s = json.loads(_store_cli("select", "--engine", "vllm", "--gpu", "L40S", "--json", dirs=dirs).stdout)
+    assert fp8_l40s["min_compute_capability"] <= 8.9 and "vllm" in fp8_l40s["engines"]
+    small = _store_cli("select", "--engine", "vllm", "--gpu", "A100", "--max-gb", "0.13", "--json", dirs=dirs)
+    assert small.returncode == 0, small.stderr
+    assert json.loads(small.stdout)["size_bytes"] <= 0.13e9 and json.loads(small.stdout)["weight_bits"] == 4
+    assert _store_cli("deploy", fp8_l40s["ref"], str(tmp_path / "d"), "--engine", "vllm", dirs=dirs).returncode == 0
+    assert "vllm/vllm-openai" in (tmp_path / "d" / "docker-compose.yml").read_text()
+
+
+def test_deploy_example_is_what_deploy_generates_from_the_demo(demo, tmp_path):
+    """deploy/example is regenerated from the demo's registry and matches, but for the version
+    (a timestamp) and the store's path on this machine."""
+    import re
+
+    out = tmp_path / "example"
+    done = _store_cli("deploy", "smollm2-135m-instruct/gguf-q4_k_m", str(out), "--replicas", "3",
+                      "--mount-from", "/mnt/models", dirs=demo["dirs"])
+    assert done.returncode == 0, done.stderr
+
+    def normal(text: str) -> list[str]:
+        text = re.sub(r"\d{8}T\d{6}Z-[0-9a-f]{12}", "VERSION", text)
+        return [line for line in text.splitlines() if not line.startswith("# Generated by")]
+
+    for name in ("docker-compose.yml", "nginx.conf"):
+        assert normal((out / name).read_text()) == normal((REPO / "deploy" / "example" / name).read_text()), name

@@ -23,6 +23,8 @@ class FormatInfo:
         min_compute_capability: lowest NVIDIA compute capability the engines run it on.
         serve: per engine, the command that serves the published folder (``{path}`` is filled in).
         cpu_evaluation: how the CPU quality check computes what the engine computes.
+        gpus: per engine, ``[lowest compute capability, upper bound (exclusive) or None]``;
+            default: every engine from ``min_compute_capability`` up.
     """
 
     format: str
@@ -32,6 +34,12 @@ class FormatInfo:
     min_compute_capability: float | None
     serve: dict[str, str] = field(default_factory=dict)
     cpu_evaluation: str = ""
+    gpus: dict[str, list[float | None]] | None = None
+
+    def __post_init__(self) -> None:
+        # Per engine, the compute capabilities it runs the format on: [lowest, below this or None].
+        if self.gpus is None:
+            object.__setattr__(self, "gpus", {e: [self.min_compute_capability, None] for e in self.engines})
 
 
 class Backend(ABC):
@@ -108,8 +116,11 @@ class Backend(ABC):
         return standard_stages(self, variant, planning)
 
     def publish_params(self, variant: Any, planning: Any) -> dict[str, Any]:
-        """Extra parameters of the variant's publish stage (e.g. serving profiles); default none."""
-        return {}
+        """Extra parameters of the variant's publish stage: the serving profiles of the engines
+        that load it, for the recipe's targets."""
+        from pipeline.serving import profiles_for
+
+        return {"serving_profiles": profiles_for(self, variant, planning.recipe.targets)}
 
     def forward(self, model: Any):
         """``ids [1, S] -> logits [S, vocab]`` for a model from ``load_for_eval`` (a transformers

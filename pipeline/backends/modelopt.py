@@ -90,6 +90,7 @@ class ModelOptBackend(Backend):
             min_compute_capability=min(low for low, _high in info["gpus"].values()),
             serve={e: _SERVE[e] for e in engines if e in _SERVE},  # engines are built, then served
             cpu_evaluation=info["eval"] + (_KV_EVAL if variant.kv_cache_qformat == "fp8" else ""),
+            gpus={e: [low, None if high == _ANY else high] for e, (low, high) in info["gpus"].items()},
         )
 
     def runs_on(self, variant: Any, compute_capability: float, engine: str | None = None) -> bool:
@@ -101,11 +102,6 @@ class ModelOptBackend(Backend):
         gpus = _QFORMATS[variant.qformat]["gpus"]
         return "; ".join(f"{engine}: compute capability {low:g}+" if high == _ANY else
                          f"{engine}: compute capability {low:g} to below {high:g}" for engine, (low, high) in gpus.items())
-
-    def publish_params(self, variant: Any, planning: Any) -> dict[str, Any]:
-        from pipeline.serving import trtllm_profiles
-
-        return {"serving_profiles": trtllm_profiles(self, variant, planning.recipe.targets)}
 
     def plan_stages(self, variant: Any, planning: Any) -> list:
         """The standard chain, then per requested legacy engine: ``engine/<v>/<profile>`` (needs

@@ -66,7 +66,7 @@ def _print_formats(prepared) -> None:
         info = backend.describe(variant)
         profiles = publish[f"publish/{variant.name}"].params.get("serving_profiles", [])
         table.add_row(variant.name, info.format, info.scheme, ", ".join(info.engines), backend.gpu_requirement(variant),
-                      ", ".join(f"{p['name']} ({'/'.join(p['gpus'])})" for p in profiles) or "-")
+                      ", ".join(f"{p['name']} ({'/'.join(p['gpus']) or 'CPU'})" for p in profiles) or "-")
     _console().print(table)
 
 

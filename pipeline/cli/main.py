@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from pipeline.cli import build, inspect, recipes, toolchain
+from pipeline.cli import build, inspect, recipes, registry, toolchain
 from pipeline.errors import ModelbuildError
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
 recipes.register(app)
 build.register(app)
 inspect.register(app)
+registry.register(app)
 toolchain.register(app)
 
 

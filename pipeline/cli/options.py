@@ -13,8 +13,9 @@ CacheDirOpt = Annotated[
     typer.Option("--cache-dir", envvar="MODELBUILD_CACHE", help="Stage cache folder [default: ~/.cache/modelbuild]."),
 ]
 StorageOpt = Annotated[
-    Path | None,
-    typer.Option("--storage", help="Storage root to publish to [default: recipe's publish.root, else ./artifacts]."),
+    str | None,
+    typer.Option("--storage", help="Storage root to publish to: a folder or s3://BUCKET[/PREFIX] "
+                                   "[default: recipe's publish.root, else ./artifacts]."),
 ]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (a GPU when present), cpu or cuda.", case_sensitive=False)

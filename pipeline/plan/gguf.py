@@ -40,6 +40,8 @@ AWKWARD_STRINGS = (
 def gguf_stages(variant, planning) -> list[Stage]:
     """The stages one llamacpp variant needs, shared ones first (those already planned are left
     out)."""
+    from pipeline.backends import get_backend
+
     recipe, data, eval_params = planning.recipe, planning.data, planning.eval_params
     calibration = planning.calibration(variant)
     cpu = cpu_model()
@@ -110,7 +112,8 @@ def gguf_stages(variant, planning) -> list[Stage]:
     add(Stage(
         id=f"publish/{name}",
         kind="publish",
-        params={"model": recipe.model_name, "variant": name},
+        params={"model": recipe.model_name, "variant": name,
+                **get_backend(variant.backend).publish_params(variant, planning)},
         inputs=(quantize.id, evaluate.id, gate.id, "baseline", "fetch", speed.id, "gguf/fidelity"),
         version=VERSIONS["publish"],
         cached=False,

@@ -177,11 +177,30 @@ class Eval(Strict):
     _resolve_path = field_validator("corpus")(_resolve)
 
 
-class Publish(Strict):
-    root: Path | None = Field(None, description="storage root; default ./artifacts, or --storage")
-    model: str | None = Field(None, pattern=SLUG, description="model folder name; default: recipe name")
+class S3Options(Strict):
+    """Where an ``s3://`` root lives. Credentials are never written here: the AWS chain
+    (environment, profile, instance role) supplies them."""
 
-    _resolve_path = field_validator("root")(_resolve)
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://minio:9000; "
+                                                       "default: AWS_ENDPOINT_URL, else AWS")
+    region: str | None = Field(None, description="region; default: AWS_REGION / the profile's")
+
+
+class Publish(Strict):
+    root: str | None = Field(None, description="storage root: a folder (local or NFS) or s3://BUCKET[/PREFIX]; "
+                                               "default ./artifacts, or --storage")
+    model: str | None = Field(None, pattern=SLUG, description="model folder name; default: recipe name")
+    s3: S3Options = S3Options()
+    hardlink: bool = Field(True, description="on a filesystem root beside the cache, publish read-only hard links "
+                                             "to the cached files instead of copies")
+
+    @field_validator("root")
+    @classmethod
+    def _resolve_root(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A URL stays as written; a folder is resolved against the recipe's folder like other paths.
+        if value is None or "://" in value:
+            return value
+        return str(_resolve(Path(value), info))
 
 
 # --- GGUF (llama.cpp) -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ class RunContext:
     Attributes:
         loaded: the recipe and its file.
         source: the pinned source.
-        storage_root: where publish writes.
+        storage_root: where publish writes (a folder or a storage URL).
         requested_device: ``auto``, ``cpu`` or ``cuda``; ``device`` resolves it on first use (so
             a run served entirely from the cache never imports torch).
         reporter: progress and warnings.
@@ -28,11 +28,12 @@ class RunContext:
 
     loaded: LoadedRecipe
     source: ResolvedSource
-    storage_root: Path
+    storage_root: str
     requested_device: str
     reporter: Reporter
     plan: Any
     _device: str | None = None
+    _storage: Any = None
 
     @property
     def device(self) -> str:
@@ -41,6 +42,14 @@ class RunContext:
 
             self._device = pick_device(self.requested_device)
         return self._device
+
+    def storage(self):
+        """The publish root's backend (opened on first use: a cached run never needs it)."""
+        if self._storage is None:
+            from pipeline.storage.location import open_storage
+
+            self._storage = open_storage(self.storage_root, s3=self.recipe.publish.s3.model_dump(exclude_none=True))
+        return self._storage
 
     @property
     def recipe(self):

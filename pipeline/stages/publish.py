@@ -13,15 +13,19 @@ def run(ctx, stage, inputs, out=None) -> dict:
     if not gate["passed"]:
         return {"status": "not published (gate failed)"}
     manifest = build_manifest(ctx, stage, inputs)
-    profiles = stage.params.get("serving_profiles", [])
+    files = inputs[f"quantize/{name}"].result.get("files") or [""]
+    # llama.cpp profiles name the GGUF file, known only once it is written.
+    profiles = [{**p, "command": p["command"].replace("{file}", files[0])} for p in stage.params.get("serving_profiles", [])]
     if profiles:
         manifest["serving_profiles"] = profiles
     return publish_variant(
-        ctx.storage_root,
+        ctx.storage(),
         model=stage.params["model"],
         variant=name,
         build_key=stage.key,
         files_from=inputs[f"quantize/{name}"].data,
         manifest=manifest,
         extra_files=profile_files(profiles),
+        link=ctx.recipe.publish.hardlink,
+        known=inputs[f"quantize/{name}"].entry.record["files"],
     )

@@ -29,6 +29,6 @@ def run(ctx, stage, inputs, out=None) -> dict:
         "size_bytes": sum(p.stat().st_size for p in built.data.rglob("*") if p.is_file()),
     })
     return publish_variant(
-        ctx.storage_root, model=stage.params["model"], variant=stage.params["name"], build_key=stage.key,
-        files_from=built.data / "engine", manifest=manifest,
+        ctx.storage(), model=stage.params["model"], variant=stage.params["name"], build_key=stage.key,
+        files_from=built.data / "engine", manifest=manifest, link=ctx.recipe.publish.hardlink,
     )

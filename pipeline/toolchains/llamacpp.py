@@ -6,7 +6,8 @@ Why not ``pip install llama-cpp-python`` as is: its wheel compiles llama.cpp wit
 the source distribution. So from that one source distribution this module
 
 - builds llama.cpp's shared libraries and the tools modelbuild uses (``llama-quantize``,
-  ``llama-imatrix``, ``llama-perplexity``, ``llama-bench``, ``llama-gguf-split``) with cmake,
+  ``llama-imatrix``, ``llama-perplexity``, ``llama-bench``, ``llama-gguf-split``, and the
+  OpenAI-compatible ``llama-server`` that serving replicas run) with cmake,
   for the x86-64 AVX2 baseline rather than ``-march=native``: on CPUs that report AMX (Sapphire
   Rapids and later) a native build emits AMX tile instructions that fault under hypervisors that
   do not grant AMX state (``ldtilecfg`` → SIGSEGV in ``ggml_backend_amx_mul_mat``), and an AVX2
@@ -37,7 +38,7 @@ from pipeline.errors import ToolError
 
 BINDINGS = "llama-cpp-python"
 BINDINGS_VERSION = "0.3.36"
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-gguf-split")
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-gguf-split", "llama-server")
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=ON",
@@ -45,7 +46,7 @@ CMAKE_FLAGS = (
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",  # llama-server: what the published GGUF profiles start
     "-DLLAMA_BUILD_TOOLS=ON",
     "-DLLAMA_USE_PREBUILT_UI=OFF",  # offline: the web UI would be downloaded
     "-DGGML_NATIVE=OFF",

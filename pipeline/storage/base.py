@@ -1,0 +1,94 @@
+"""The interface every storage backend implements (one backend per module: ``local``, ``s3``).
+
+A store holds immutable versions ``<model>/<variant>/<version>/`` (a manifest plus the files it
+lists), per-variant channel pointers ``<model>/<variant>/channels/<name>.json`` and the registry
+index ``index.json`` at the root. Paths given to a backend are POSIX paths relative to its root,
+already checked by :mod:`pipeline.storage.refs` (no ``..``, no absolute paths).
+
+Two operations carry the safety guarantees and differ per backend:
+
+- :meth:`Storage.publish_tree` makes a version visible all at once or not at all (a folder
+  rename on a filesystem; on S3, where nothing renames, the manifest is uploaded last and a
+  version without one does not exist for readers).
+- :meth:`Storage.read_versioned` / :meth:`Storage.write_if` are compare-and-swap on one small
+  object, so concurrent publishers that all add to the index lose nothing (an exclusive lock on
+  a filesystem, conditional writes — ``If-Match``/``If-None-Match`` — on S3).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable
+
+Records = list[dict[str, Any]]
+
+
+class Storage(ABC):
+    """A storage root. ``url`` is what users see (never credentials)."""
+
+    url: str
+
+    @abstractmethod
+    def check_writable(self) -> None:
+        """Fail before any work when nothing could be published here (StorageError)."""
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes:
+        """The object's bytes; FileNotFoundError when it does not exist."""
+
+    @abstractmethod
+    def read_versioned(self, rel: str) -> tuple[bytes | None, Any]:
+        """``(bytes or None when missing, token)`` for a later :meth:`write_if`."""
+
+    @abstractmethod
+    def write_if(self, rel: str, data: bytes, token: Any) -> bool:
+        """Replace the object only if it is unchanged since :meth:`read_versioned` returned
+        ``token`` (or still missing, if it was). False when another writer got there first."""
+
+    @abstractmethod
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Replace the object atomically (readers see the old or the new bytes, never a mix)."""
+
+    @abstractmethod
+    def list_dir(self, rel: str) -> list[str]:
+        """Names directly under ``rel`` (folders and objects); empty when there is none."""
+
+    @abstractmethod
+    def list_files(self, rel: str) -> list[tuple[str, int]]:
+        """``(path relative to rel, size)`` of every object under ``rel``."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool: ...
+
+    @abstractmethod
+    def publish_tree(self, source: Path, rel: str, extra: dict[str, bytes], make_manifest: Callable[[Records], bytes],
+                     *, link: bool, known: dict[str, dict[str, Any]] | None = None) -> None:
+        """Make ``rel`` a complete version: ``source``'s files, ``extra`` (relative path → bytes)
+        and, last, ``manifest.json`` = ``make_manifest(records of every file)``. On failure
+        nothing of it stays visible.
+
+        ``known`` (path → ``{path, size, sha256}``) are the files' records from the stage cache,
+        whose entries are immutable: they are taken as they are instead of hashing the same
+        bytes again (files without one are hashed)."""
+
+    @abstractmethod
+    def download(self, rel: str, target: Path) -> str | None:
+        """Copy one object to a local file (the caller verifies and renames it); returns its
+        sha256 when computed on the way, else None."""
+
+    @abstractmethod
+    def delete_tree(self, rel: str) -> None:
+        """Remove everything under ``rel`` (missing is fine)."""
+
+    @abstractmethod
+    def incomplete_versions(self, rel: str) -> list[str]:
+        """Leftovers of interrupted publishes under a variant folder (names to delete)."""
+
+    def location(self, rel: str) -> str:
+        """Where ``rel`` lives, as a user or a serving engine would spell it."""
+        return f"{self.url.rstrip('/')}/{rel}"
+
+    def local_path(self, rel: str) -> Path | None:
+        """The local path of ``rel`` when the store is a filesystem, else None."""
+        return None

@@ -1,0 +1,207 @@
+"""What serving teams do with a store: select a variant, pull it with verification, check it,
+and keep the store tidy (channels, retention)."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import re
+import secrets
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pipeline.compat import GPU_COMPUTE_CAPABILITY, compute_capability
+from pipeline.errors import IntegrityError, StorageError
+from pipeline.hashing import sha256_file
+from pipeline.storage.base import Storage
+from pipeline.storage.location import check_name
+from pipeline.storage.refs import Ref
+from pipeline.storage.registry import (
+    INDEX, MANIFEST, channels, read_index, remove_entries, resolve, versions,
+)
+
+ENGINES = {"vllm": "vllm", "trtllm": "trtllm", "trtllm-engine": "trtllm-engine", "llamacpp": "llama.cpp",
+           "llama.cpp": "llama.cpp"}
+CPU_ENGINES = {"llama.cpp"}
+
+
+# -- select -------------------------------------------------------------------------------------
+
+
+def latest_entries(index: dict[str, Any], model: str | None = None) -> list[dict[str, Any]]:
+    """The newest version of every variant (versions sort by their UTC time prefix)."""
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for e in index.get("entries", []):
+        if model is not None and e["model"] != model:
+            continue
+        key = (e["model"], e["variant"])
+        if key not in newest or e["version"] > newest[key]["version"]:
+            newest[key] = e
+    return [newest[k] for k in sorted(newest)]
+
+
+def _runs_on(entry: dict[str, Any], engine: str, gpu: str) -> bool:
+    if gpu.lower() == "cpu":
+        return engine in CPU_ENGINES
+    cc = compute_capability(gpu)
+    low, high = (entry.get("gpus", {}).get(engine) or [None, None])[:2]
+    return (low is None or cc >= low) and (high is None or cc < high)
+
+
+def select(index: dict[str, Any], *, engine: str, gpu: str, max_gb: float | None, max_kld: float | None,
+           model: str | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """The best variant for a target: among the newest versions that passed their gate, load in
+    ``engine``, run on ``gpu``, fit ``max_gb`` (10^9 bytes) and ``max_kld`` (mean KLD vs the
+    baseline), the one with the lowest mean KLD (then the smallest).
+
+    Returns:
+        ``(entry or None, why)``: ``why`` counts what each condition left, for a "none matches".
+    """
+    name = ENGINES.get(engine.lower())
+    if name is None:
+        raise StorageError(f"unknown engine {engine!r}", where="--engine", fix=f"use one of: {', '.join(sorted(ENGINES))}")
+    if gpu.lower() != "cpu" and compute_capability(gpu) is None:
+        raise StorageError(f"unknown GPU {gpu!r}", where="--gpu",
+                           fix=f"use cpu or one of: {', '.join(GPU_COMPUTE_CAPABILITY)}")
+    pool = latest_entries(index, model)
+    why = [f"{len(pool)} variant(s) published" + (f" for {model}" if model else "")]
+    steps = [
+        ("passed their gate", lambda e: e.get("gate", {}).get("passed") is True),
+        (f"load in {name}", lambda e: name in e.get("engines", [])),
+        (f"run on {gpu}", lambda e: _runs_on(e, name, gpu)),
+    ]
+    if max_gb is not None:
+        steps.append((f"fit in {max_gb:g} GB", lambda e: (e.get("size_bytes") or 0) <= max_gb * 1e9))
+    if max_kld is not None:
+        steps.append((f"have mean KLD <= {max_kld:g}",
+                      lambda e: e.get("metrics", {}).get("mean_kld") is not None and e["metrics"]["mean_kld"] <= max_kld))
+    for label, keep in steps:
+        pool = [e for e in pool if keep(e)]
+        why.append(f"{len(pool)} {label}")
+    if not pool:
+        return None, why
+    best = min(pool, key=lambda e: (e.get("metrics", {}).get("mean_kld", float("inf")), e.get("size_bytes") or 0))
+    return best, why
+
+
+# -- pull and verify ----------------------------------------------------------------------------
+
+
+def _check_index_digest(storage: Storage, model: str, variant: str, version: str, raw: bytes) -> None:
+    from pipeline.hashing import digest_bytes
+
+    for e in read_index(storage).get("entries", []):
+        if (e["model"], e["variant"], e["version"]) == (model, variant, version):
+            if e.get("manifest_sha256") != digest_bytes(raw):
+                raise IntegrityError(f"manifest of {model}/{variant}@{version} does not match its registry entry "
+                                     f"(sha256 {digest_bytes(raw)[:12]}…, index says {str(e.get('manifest_sha256'))[:12]}…)",
+                                     fix="the store was changed by hand: republish the variant or run `modelbuild reindex`")
+            return
+
+
+def pull(storage: Storage, ref: Ref, dest: Path, *, jobs: int = 8) -> dict[str, Any]:
+    """Download a published version into ``dest``, every file checked against the manifest's
+    sha256 before the folder is moved into place.
+
+    Files land in ``<dest>.partial-<version>`` beside ``dest``: an interrupted pull resumes
+    there (files already complete and correct are kept), a mismatch removes it.
+
+    Raises:
+        StorageError: unknown reference; ``dest`` exists with other content.
+        IntegrityError: a file or the manifest does not match.
+    """
+    version, manifest, raw = resolve(storage, ref)
+    _check_index_digest(storage, ref.model, ref.variant, version, raw)
+    base = f"{ref.model}/{ref.variant}/{version}"
+    dest = Path(dest).resolve()
+    if dest.exists() and any(dest.iterdir()):
+        if (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == raw:
+            return {"status": "already pulled", "path": str(dest), "version": version, "files": len(manifest["files"])}
+        raise StorageError(f"{dest} exists and is not empty", where="DEST", fix="give a new or empty folder")
+    partial = dest.with_name(f".{dest.name}.partial-{version}")
+    partial.mkdir(parents=True, exist_ok=True)
+
+    def fetch(record: dict[str, Any]) -> str | None:
+        target = partial / record["path"]
+        if target.is_file() and target.stat().st_size == record["size"] and sha256_file(target) == record["sha256"]:
+            return None  # resumed
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        try:
+            digest = storage.download(f"{base}/{record['path']}", tmp) or sha256_file(tmp)
+            if digest != record["sha256"]:
+                return record["path"]
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return None
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        bad = [p for p in pool.map(fetch, manifest["files"]) if p is not None]
+    if bad:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise IntegrityError(f"{len(bad)} file(s) of {ref.model}/{ref.variant}@{version} do not match the manifest: "
+                             f"{', '.join(bad[:5])}", fix="nothing was kept; the stored copy is damaged: republish it")
+    expected = {r["path"] for r in manifest["files"]} | {MANIFEST}
+    for stray in [p for p in partial.rglob("*") if p.is_file() and p.relative_to(partial).as_posix() not in expected]:
+        stray.unlink()
+    (partial / MANIFEST).write_bytes(raw)
+    if dest.exists():
+        dest.rmdir()
+    partial.rename(dest)
+    size = sum(r["size"] for r in manifest["files"])
+    return {"status": "pulled", "path": str(dest), "version": version, "files": len(manifest["files"]),
+            "bytes": size, "seconds": round(time.perf_counter() - started, 3)}
+
+
+# -- channels and retention ---------------------------------------------------------------------
+
+_STAMP = re.compile(r"(\d{8}T\d{6}Z)")
+
+
+def _age_s(name: str) -> float | None:
+    m = _STAMP.search(name)
+    if not m:
+        return None
+    return time.time() - calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ"))
+
+
+def gc(storage: Storage, *, keep: int, model: str | None = None, grace_s: float = 3600.0,
+       dry_run: bool = False) -> list[str]:
+    """Delete all but the newest ``keep`` versions of every variant, never one a channel points
+    at, plus leftovers of interrupted publishes older than ``grace_s`` (a younger one may still
+    be uploading). Returns what was (or would be) deleted."""
+    if keep < 1:
+        raise StorageError("gc --keep must be at least 1", where="--keep", fix="keep at least the newest version")
+    models = [check_name(model, "model")] if model else [
+        m for m in storage.list_dir("") if not m.startswith(".") and m != INDEX]
+    deleted, gone = [], set()
+    for m in models:
+        for variant in storage.list_dir(m):
+            known = versions(storage, m, variant)
+            pinned = set(channels(storage, m, variant).values())
+            for version in known[:-keep]:
+                if version not in pinned:
+                    deleted.append(f"{m}/{variant}/{version}")
+                    gone.add((m, variant, version))
+            for leftover in storage.incomplete_versions(f"{m}/{variant}"):
+                age = _age_s(leftover)
+                if age is not None and age > grace_s:
+                    deleted.append(f"{m}/{variant}/{leftover}")
+    if dry_run:
+        return deleted
+    if gone:
+        remove_entries(storage, gone)  # first: a reader never finds an indexed version missing
+    for rel in deleted:
+        storage.delete_tree(rel)
+    return deleted
+
+
+def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({k: manifest.get(k) for k in (
+        "model", "variant", "version", "created", "format", "size_bytes", "metrics", "gate", "source", "tools",
+        "serve", "serving_profiles")}))

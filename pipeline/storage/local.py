@@ -1,0 +1,174 @@
+"""A storage root on a local or NFS-mounted filesystem, through fsspec's local filesystem.
+
+Versions are assembled in a dot-prefixed staging folder beside their final place and appear by
+one ``rename``. Compare-and-swap holds an exclusive ``flock`` on a lock file beside the object
+(Linux maps it to POSIX byte-range locks on NFS, which NFSv4 servers arbitrate) and replaces the
+object by rename, so an interrupted writer leaves the old object whole.
+
+Files come from the stage cache, whose entries are immutable: on the same filesystem a published
+file is a hard link to the cached one, made read-only (as DVC links its cache), instead of a
+second copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import StorageError
+from pipeline.hashing import digest_bytes, list_tree, parallel_map, sha256_file
+from pipeline.storage.base import Records, Storage
+
+MANIFEST = "manifest.json"
+STAGING = ".staging-"
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+        self.fs = LocalFileSystem()
+
+    def _path(self, rel: str) -> Path:
+        return self.root / rel if rel else self.root
+
+    def local_path(self, rel: str) -> Path:
+        return self._path(rel)
+
+    def location(self, rel: str) -> str:
+        return str(self._path(rel))
+
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{secrets.token_hex(4)}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StorageError(
+                f"storage root is not writable: {self.root} ({e.strerror or e})",
+                where="publish.root",
+                fix="choose another folder with --storage or publish.root, or fix its permissions",
+            ) from None
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(str(self._path(rel)))
+
+    def read_versioned(self, rel: str) -> tuple[bytes | None, Any]:
+        # The token is the content itself: under the lock, "unchanged" means "same bytes".
+        try:
+            data = self.read_bytes(rel)
+        except FileNotFoundError:
+            return None, None
+        return data, data
+
+    def write_if(self, rel: str, data: bytes, token: Any) -> bool:
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                current = None
+            if current != token:
+                return False
+            self._replace(path, data)
+            return True
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._replace(path, data)
+
+    @staticmethod
+    def _replace(path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def list_dir(self, rel: str) -> list[str]:
+        path = self._path(rel)
+        return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+    def list_files(self, rel: str) -> list[tuple[str, int]]:
+        base = self._path(rel)
+        if not base.is_dir():
+            return []
+        return sorted((p.relative_to(base).as_posix(), p.stat().st_size) for p in base.rglob("*") if p.is_file())
+
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).exists()
+
+    def publish_tree(self, source: Path, rel: str, extra: dict[str, bytes], make_manifest: Callable[[Records], bytes],
+                     *, link: bool, known: dict[str, dict[str, Any]] | None = None) -> None:
+        final = self._path(rel)
+        staging = final.with_name(f"{STAGING}{final.name}-{secrets.token_hex(4)}")
+        known = known or {}
+
+        def put(rel_path: Path) -> dict[str, Any]:
+            src, dst, posix = source / rel_path, staging / rel_path, rel_path.as_posix()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            size, record = src.stat().st_size, known.get(posix)
+            if link and _link(src, dst):
+                if record is not None and record["size"] == size:
+                    return record
+                return {"path": posix, "size": size, "sha256": sha256_file(dst)}
+            shutil.copyfile(src, dst)  # in-kernel copy (copy_file_range/sendfile), as cp does
+            if record is not None and record["size"] == size:
+                return record  # the cache entry's own record of these bytes: no second hash
+            return {"path": posix, "size": size, "sha256": sha256_file(dst)}
+
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+            records = parallel_map(put, list_tree(source))
+            for name, data in extra.items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                (staging / name).write_bytes(data)
+                records.append({"path": name, "size": len(data), "sha256": digest_bytes(data)})
+            self._replace(staging / MANIFEST, make_manifest(sorted(records, key=lambda r: r["path"])))
+            os.rename(staging, final)
+        except OSError as e:
+            raise StorageError(f"publishing to {final.parent} failed: {e}", where="publish",
+                               fix="check the storage root (space, permissions)") from e
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def download(self, rel: str, target: Path) -> None:
+        # In-kernel copy; the caller then hashes the copy (from the page cache) to check it.
+        shutil.copyfile(self._path(rel), target)
+
+    def delete_tree(self, rel: str) -> None:
+        path = self._path(rel)
+        if path.is_dir():
+            # Published files are read-only; their folder's permissions are what rmtree needs.
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    def incomplete_versions(self, rel: str) -> list[str]:
+        return [n for n in self.list_dir(rel) if n.startswith(STAGING)]
+
+
+def _link(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` (read-only from then on) where the filesystem allows; False otherwise."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        return False
+    # The link shares the cache's inode: writing through either name would change both.
+    os.chmod(dst, os.stat(dst).st_mode & ~0o222)
+    return True

@@ -1,0 +1,360 @@
+"""The store: versions, channels, the registry index under concurrent publishers, select, pull,
+verify and gc — on a filesystem root and on a real S3-compatible server on loopback (moto's
+standalone server, a separate process speaking the S3 HTTP API)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _variant_dir(tmp_path: Path, name: str, payload: bytes = b"w" * 4096) -> Path:
+    folder = tmp_path / f"src-{name}"
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(payload)
+    (folder / "sub" / "config.json").write_text('{"a": 1}')
+    return folder
+
+
+def _manifest(engines=("vllm",), cc=8.9, kld=0.05, size=4105) -> dict:
+    return {"format": {"format": "compressed-tensors", "scheme": "FP8", "engines": list(engines),
+                       "min_compute_capability": cc, "serve": {e: f"{e} serve {{path}}" for e in engines}},
+            "metrics": {"mean_kld": kld, "ppl": 30.0}, "gate": {"passed": True}, "size_bytes": size,
+            "source": {"kind": "local", "path": "/x"}}
+
+
+def _publish(url: str, tmp_path: Path, variant: str, key: str, **manifest_kw) -> dict:
+    from pipeline.storage.location import open_storage
+    from pipeline.storage.publish import publish_variant
+
+    return publish_variant(open_storage(url), model="m", variant=variant, build_key=key * 64,
+                           files_from=_variant_dir(tmp_path, variant), manifest=_manifest(**manifest_kw))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ), timeout=300)
+
+
+def test_publish_list_show_pull_verify_round_trip(store_url, tmp_path):
+    first = _publish(store_url, tmp_path, "fp8", "a")
+    again = _publish(store_url, tmp_path, "fp8", "a")
+    assert first["status"] == "published" and again == {**first, "status": "already published"}
+    listed = json.loads(_cli("list", "--storage", store_url, "--json").stdout)
+    assert [(e["model"], e["variant"], e["version"]) for e in listed] == [("m", "fp8", first["version"])]
+    assert listed[0]["engines"] == ["vllm"] and listed[0]["gpus"] == {"vllm": [8.9, None]}
+    shown = json.loads(_cli("show", "m/fp8", "--storage", store_url, "--json").stdout)
+    assert shown == {"versions": [first["version"]], "channels": {"latest": first["version"]}}
+    manifest = json.loads(_cli("show", "m/fp8@latest", "--storage", store_url, "--json").stdout)
+    assert manifest["serve"]["vllm"] == f"vllm serve {first['path']}"
+    dest = tmp_path / "pulled"
+    out = _cli("pull", "m/fp8", str(dest), "--storage", store_url, "--json")
+    assert out.returncode == 0, out.stderr
+    assert (dest / "model.safetensors").read_bytes() == b"w" * 4096 and (dest / "sub" / "config.json").is_file()
+    assert not list(tmp_path.glob(".pulled.partial-*"))
+    assert _cli("verify", str(dest)).returncode == 0
+    checked = _cli("verify", "m/fp8", "--storage", store_url)
+    assert checked.returncode == 0 and "every file matches" in checked.stdout
+
+
+def test_run_publishes_the_tiny_recipe_to_s3(cli, recipe_factory, s3_endpoint, tmp_path):
+    """The real pipeline's publish stage against the S3 server; a manifest-less leftover is invisible."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="pipeline-run")
+    code, _out, err = cli("run", recipe_factory(), "--storage", "s3://pipeline-run/root")
+    assert code == 0, err
+    listed = json.loads(_cli("list", "--storage", "s3://pipeline-run/root", "--json").stdout)
+    assert len(listed) == 1 and listed[0]["gate"] == {"passed": True} and listed[0]["metrics"]["mean_kld"] >= 0
+    ref = f"{listed[0]['model']}/{listed[0]['variant']}"
+    dest = tmp_path / "pulled"
+    assert _cli("pull", ref, str(dest), "--storage", "s3://pipeline-run/root").returncode == 0
+    assert _cli("verify", str(dest)).returncode == 0
+
+
+def test_eight_concurrent_publishers_lose_no_entry(store_url, tmp_path):
+    script = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]);"
+        "from tests.test_storage import _publish; _publish(sys.argv[1], Path(sys.argv[2]), sys.argv[4], sys.argv[5])"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, store_url, str(tmp_path), str(REPO), f"v{i}", "0123456789abcdef"[i]],
+                              cwd=REPO, env=dict(os.environ), stderr=subprocess.PIPE, text=True) for i in range(8)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    listed = json.loads(_cli("list", "--storage", store_url, "--json").stdout)
+    assert sorted(e["variant"] for e in listed) == [f"v{i}" for i in range(8)]
+
+
+def test_channels_promote_rollback_and_gc(store_url, tmp_path):
+    from pipeline.storage.location import open_storage
+    from pipeline.storage.registry import channels, versions
+
+    v1 = _publish(store_url, tmp_path, "q", "1")["version"]
+    time.sleep(1.1)  # versions are named by the second
+    v2 = _publish(store_url, tmp_path, "q", "2")["version"]
+    time.sleep(1.1)
+    v3 = _publish(store_url, tmp_path, "q", "3")["version"]
+    assert _cli("promote", f"m/q@{v1}", "--channel", "stable", "--storage", store_url).returncode == 0
+    assert _cli("promote", f"m/q@{v2}", "--channel", "stable", "--storage", store_url).returncode == 0
+    assert _cli("rollback", "m/q", "--channel", "stable", "--storage", store_url).returncode == 0
+    store = open_storage(store_url)
+    assert channels(store, "m", "q") == {"latest": v3, "stable": v1}
+    gone = _cli("gc", "--keep", "1", "--storage", store_url)
+    assert gone.returncode == 0, gone.stderr
+    assert versions(store, "m", "q") == [v1, v3]  # v1 stays: a channel points at it
+    listed = json.loads(_cli("list", "--storage", store_url, "--json").stdout)
+    assert sorted(e["version"] for e in listed) == [v1, v3]
+
+
+def test_select_picks_the_best_fitting_variant_or_says_why(store_url, tmp_path):
+    _publish(store_url, tmp_path, "fp8", "a", engines=("vllm",), cc=8.9, kld=0.03, size=3_000_000_000)
+    _publish(store_url, tmp_path, "w4a16", "b", engines=("vllm",), cc=7.5, kld=0.15, size=1_000_000_000)
+    _publish(store_url, tmp_path, "gguf-q4", "c", engines=("llama.cpp",), cc=None, kld=0.2, size=900_000_000)
+    pick = lambda *a: _cli("select", *a, "--storage", store_url)  # noqa: E731
+    assert pick("--engine", "vllm", "--gpu", "H100").stdout.strip().endswith("/m/fp8/" + _version(store_url, "fp8"))
+    assert "/m/w4a16/" in pick("--engine", "vllm", "--gpu", "A100").stdout  # FP8 needs 8.9
+    assert "/m/w4a16/" in pick("--engine", "vllm", "--gpu", "H100", "--max-gb", "2").stdout
+    assert "/m/gguf-q4/" in pick("--engine", "llamacpp", "--gpu", "cpu").stdout
+    none = pick("--engine", "vllm", "--gpu", "H100", "--max-kld", "0.01")
+    assert none.returncode == 2 and "3 variant(s) published" in none.stderr and "0 have mean KLD <= 0.01" in none.stderr
+    assert pick("--engine", "vllm", "--gpu", "Z9000").returncode == 2
+
+
+def _version(url: str, variant: str) -> str:
+    from pipeline.storage.location import open_storage
+    from pipeline.storage.registry import versions
+
+    return versions(open_storage(url), "m", variant)[-1]
+
+
+def test_pull_refuses_a_damaged_file_and_keeps_nothing(tmp_path):
+    url = str(tmp_path / "store")
+    out = _publish(url, tmp_path, "v", "a")
+    blob = Path(out["path"]) / "model.safetensors"
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"x" * 4096)  # same size, other bytes
+    dest = tmp_path / "dest"
+    bad = _cli("pull", "m/v", str(dest), "--storage", url)
+    assert bad.returncode == 5 and "do not match the manifest: model.safetensors" in bad.stderr
+    assert not dest.exists() and not list(tmp_path.glob(".dest.partial-*"))
+
+
+def test_pull_resumes_an_interrupted_download(tmp_path):
+    url = str(tmp_path / "store")
+    version = _publish(url, tmp_path, "v", "a")["version"]
+    partial = tmp_path / f".dest.partial-{version}"
+    (partial / "sub").mkdir(parents=True)
+    (partial / "sub" / "config.json").write_text('{"a": 1}')  # finished before the interruption
+    (partial / "model.safetensors").write_bytes(b"w" * 100)  # cut short
+    assert _cli("pull", "m/v", str(tmp_path / "dest"), "--storage", url).returncode == 0
+    assert (tmp_path / "dest" / "model.safetensors").read_bytes() == b"w" * 4096 and not partial.exists()
+
+
+def test_manifest_that_does_not_match_its_index_entry(tmp_path):
+    url = str(tmp_path / "store")
+    out = _publish(url, tmp_path, "v", "a")
+    manifest = Path(out["path"]) / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"ppl": 30.0', '"ppl": 1.0'))
+    bad = _cli("pull", "m/v", str(tmp_path / "dest"), "--storage", url)
+    assert bad.returncode == 5 and "does not match its registry entry" in bad.stderr
+
+
+def test_channel_pointing_at_a_deleted_version(store_url, tmp_path):
+    from pipeline.storage.location import open_storage
+
+    version = _publish(store_url, tmp_path, "v", "a")["version"]
+    time.sleep(1.1)
+    _publish(store_url, tmp_path, "v", "b")
+    assert _cli("promote", f"m/v@{version}", "--channel", "stable", "--storage", store_url).returncode == 0
+    open_storage(store_url).delete_tree(f"m/v/{version}")
+    bad = _cli("pull", "m/v@stable", str(tmp_path / "d"), "--storage", store_url)
+    assert bad.returncode == 2 and f"points at version {version}, which no longer exists" in bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("show", "../etc/v"), "invalid model name '..'"),
+    (("show", "m/..@x"), "invalid variant name '..'"),
+    (("pull", "m/v/../../x", "/tmp/never"), "invalid variant name"),
+    (("show", "m/nope"), "nothing published as m/nope"),
+    (("list", "--storage", "gs://bucket/x"), "unknown storage scheme 'gs'"),
+])
+def test_bad_references_and_schemes(args, message, tmp_path):
+    _publish(str(tmp_path / "store"), tmp_path, "v", "a")
+    argv = list(args) if "--storage" in args else [*args, "--storage", str(tmp_path / "store")]
+    bad = _cli(*argv)
+    assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_missing_bucket_is_one_clear_line(s3_endpoint, cli, recipe_factory):
+    code, _out, err = cli("run", recipe_factory(), "--storage", "s3://no-such-bucket/x")
+    assert code == 2 and "bucket 'no-such-bucket' does not exist" in err and "aws s3 mb" in err
+
+
+def _publish_big(url: str, tmp: str, files: int, size: int) -> None:
+    """A publisher slow enough to be killed mid-upload (independent copies, many files)."""
+    from pipeline.storage.location import open_storage
+    from pipeline.storage.publish import publish_variant
+
+    src = Path(tmp) / "big"
+    src.mkdir(exist_ok=True)
+    for i in range(files):
+        (src / f"shard-{i:03d}.bin").write_bytes(os.urandom(size))
+    publish_variant(open_storage(url), model="m", variant="big", build_key="b" * 64, files_from=src,
+                    manifest=_manifest(), link=False)
+
+
+def test_publisher_killed_mid_upload_leaves_nothing_visible(store_url, tmp_path):
+    """SIGKILL while the files are going up: no version, no index entry, no channel; the rerun
+    publishes it whole and gc clears the leftover."""
+    from pipeline.storage.location import open_storage
+    from pipeline.storage.registry import channels, versions
+
+    store = open_storage(store_url)
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.test_storage import _publish_big;"
+              "_publish_big(sys.argv[2], sys.argv[3], 48, 2_000_000)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(REPO), store_url, str(tmp_path)], cwd=REPO,
+                            env=dict(os.environ))
+    deadline = time.time() + 120
+    while not any(n for n in store.list_dir("m/big") if n != "channels" and store.list_files(f"m/big/{n}")):
+        assert proc.poll() is None and time.time() < deadline, "publisher ended before its upload was seen"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    leftovers = store.incomplete_versions("m/big")
+    assert leftovers and versions(store, "m", "big") == [] and channels(store, "m", "big") == {}
+    assert json.loads(_cli("list", "--storage", store_url, "--json").stdout) == []
+    assert "nothing published as m/big" in _cli("pull", "m/big", str(tmp_path / "d"), "--storage", store_url).stderr
+    _publish_big(store_url, str(tmp_path), 48, 2_000_000)
+    [version] = versions(store, "m", "big")
+    assert _cli("verify", "m/big", "--storage", store_url).returncode == 0
+    from pipeline.storage.consume import gc
+
+    assert set(gc(store, keep=1, grace_s=-1)) == {f"m/big/{n}" for n in leftovers}
+    assert store.incomplete_versions("m/big") == [] and versions(store, "m", "big") == [version]
+
+
+def test_bad_credentials_are_one_clear_line(tmp_path):
+    """A second S3 server that authenticates every request: unknown keys are refused by name."""
+    from tests.conftest import _free_port, wait_for_port
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIANOTAREALKEY0000",
+               "AWS_SECRET_ACCESS_KEY": "wrong"}
+        bad = subprocess.run([sys.executable, "-m", "pipeline", "list", "--storage", "s3://any-bucket/x"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "S3 refused" in bad.stderr and "AWS_ACCESS_KEY_ID" in bad.stderr, bad.stderr
+        assert "wrong" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+
+class _FlakyProxy:
+    """A TCP proxy in front of the S3 server that answers its first ``failures`` connections with
+    HTTP 503 (what S3 sends when it sheds load), then forwards bytes both ways."""
+
+    def __init__(self, upstream_port: int, failures: int):
+        import socket
+        import threading
+
+        self.upstream, self.failures, self.connections = upstream_port, failures, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.connections <= self.failures:
+                client.recv(65536)
+                client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("failures, ok", [(2, True), (1000, False)])
+def test_transient_errors_are_retried_then_reported(s3_store, s3_endpoint, tmp_path, failures, ok):
+    """503s are retried with backoff (botocore's standard mode) and the publish goes through;
+    an endpoint that keeps failing is one clear line after the retries, nothing published."""
+    proxy = _FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]), failures)
+    script = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+              "from tests.test_storage import _publish; _publish(sys.argv[2], Path(sys.argv[3]), 'v', 'a')")
+    try:
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        done = subprocess.run([sys.executable, "-c", script, str(REPO), s3_store, str(tmp_path)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        proxy.close()
+    assert proxy.connections > min(failures, 5)
+    if ok:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert [e["variant"] for e in json.loads(_cli("list", "--storage", s3_store, "--json").stdout)] == ["v"]
+    else:
+        assert "StorageError" in done.stderr and "after 5 attempts" in done.stderr and "503" in done.stderr
+        assert json.loads(_cli("list", "--storage", s3_store, "--json").stdout) == []
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, "the Hub is unreachable"),
+])
+def test_push_hub_says_why_it_cannot_upload(tmp_path, env, message):
+    _publish(str(tmp_path / "store"), tmp_path, "v", "a")
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "push-hub", "m/v", "org/repo", "--storage",
+                          str(tmp_path / "store")], cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_push_hub_refuses_a_damaged_version(tmp_path):
+    out = _publish(str(tmp_path / "store"), tmp_path, "v", "a")
+    blob = Path(out["path"]) / "model.safetensors"
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"x" * 4096)
+    bad = _cli("push-hub", "m/v", "org/repo", "--storage", str(tmp_path / "store"))
+    assert bad.returncode == 5 and "not uploaded" in bad.stderr
