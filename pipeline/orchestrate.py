@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import lockfile
 from pipeline.backends import get_backend
 from pipeline.cache.store import CacheStore
 from pipeline.executors.local import Report, execute
@@ -59,10 +57,14 @@ def prepare(recipe_path: Path, *, cache_dir: Path | None, storage: str | os.Path
     return Prepared(loaded, plan, store, storage_root(loaded, storage))
 
 
-def run(prepared: Prepared, *, device: str, reporter: Reporter) -> Report:
-    """Execute a prepared plan: the storage root is probed first, so nothing runs for nothing."""
+def run(prepared: Prepared, *, device: str, reporter: Reporter, locked: bool = False) -> Report:
+    """Execute a prepared plan: the lock (under ``locked``) and the storage root are checked
+    first, so nothing runs for nothing. A Hub source's resolution is recorded in the lock."""
+    if locked:
+        lockfile.check(prepared)
     open_storage(prepared.storage, s3=prepared.loaded.recipe.publish.s3.model_dump(exclude_none=True)).check_writable()
-    write_lock(prepared)
+    if not locked and prepared.plan.source.kind == "hub":
+        lockfile.write(prepared)
     ctx = RunContext(
         loaded=prepared.loaded,
         source=prepared.plan.source,
@@ -72,26 +74,3 @@ def run(prepared: Prepared, *, device: str, reporter: Reporter) -> Report:
         plan=prepared.plan,
     )
     return execute(prepared.plan, ctx, prepared.store)
-
-
-def write_lock(prepared: Prepared) -> None:
-    """Record a Hub source's resolved commit beside the recipe (``<recipe>.lock.json``)."""
-    source = prepared.plan.source
-    if source.kind != "hub":
-        return
-    path = prepared.loaded.lock_path
-    lock = {
-        "recipe_sha256": prepared.loaded.digest,
-        "source": source.provenance,
-        "resolved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-            if old.get("source") == lock["source"] and old.get("recipe_sha256") == lock["recipe_sha256"]:
-                return  # unchanged: keep the file (and its timestamp) as it is
-        except ValueError:
-            pass
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

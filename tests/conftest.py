@@ -139,6 +139,15 @@ def dirs(tmp_path) -> dict[str, Path]:
     return {"cache": tmp_path / "cache", "storage": tmp_path / "store"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _reports_out_of_the_repo(tmp_path_factory):
+    """`modelbuild run` writes its reports to ./reports by default: keep test runs' elsewhere
+    (subprocesses inherit it). Tests that read reports pass --report-dir."""
+    os.environ["MODELBUILD_REPORTS"] = str(tmp_path_factory.mktemp("reports"))
+    yield
+    os.environ.pop("MODELBUILD_REPORTS", None)
+
+
 @pytest.fixture
 def cli(capsys, dirs):
     """Run ``modelbuild ARGS`` in-process through the real entry point (error boundary included).

@@ -397,3 +397,133 @@ def test_plan_time_checks_are_remembered(cli, recipe_factory, monkeypatch):
     assert code == 0, err
     with pytest.raises(AssertionError, match="config read again"):  # a changed variant is checked again
         cli("plan", recipe_factory(variant_extra="    ignore: [lm_head, model.layers.0.mlp.down_proj]\n"))
+
+
+def test_hub_unreachable_is_one_clear_line(recipe_factory, dirs, tmp_path):
+    """An endpoint nobody answers (huggingface_hub raises httpx errors, not OSErrors)."""
+    recipe = recipe_factory(source="source:\n  kind: hub\n  repo: acme/tiny\n  revision: main\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(recipe), "--cache-dir", str(dirs["cache"])],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot reach the Hub: ConnectError" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_run_writes_json_junit_and_markdown(cli, recipe_factory, tmp_path, monkeypatch):
+    """Passing and failing gates as JUnit test cases a CI system reads (parsed with junitparser,
+    the library CI tooling uses), a JSON summary, and the Markdown appended to GitHub's job summary."""
+    from junitparser import Failure, JUnitXml
+
+    step_summary = tmp_path / "step.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
+    ok_dir, bad_dir = tmp_path / "ok", tmp_path / "bad"
+    assert cli("run", recipe_factory(), "--report-dir", ok_dir)[0] == 0
+    summary = json.loads((ok_dir / "summary.json").read_text())
+    assert summary["exit_code"] == 0 and [r["status"] for r in summary["variants"]] == ["passed"]
+    assert summary["variants"][0]["metrics"]["mean_kld"] >= 0 and summary["baseline"]["ppl"] > 0
+    code, _, _ = cli("run", recipe_factory(gate="max_kld: 0.0000001"), "--report-dir", bad_dir)
+    assert code == 3
+    xml = JUnitXml.fromfile(str(bad_dir / "junit.xml"))
+    [suite] = list(xml)
+    [case] = list(suite)
+    assert suite.tests == 1 and suite.failures == 1 and case.name == summary["variants"][0]["variant"]
+    assert isinstance(case.result[0], Failure) and "mean_kld" in case.result[0].message
+    assert json.loads((bad_dir / "summary.json").read_text())["exit_code"] == 3
+    text = step_summary.read_text()
+    assert "✅ passed" in text and "❌ gate failed" in text and "| variant | status |" in text
+
+
+def test_a_stopped_run_still_reports(cli, recipe_factory, tmp_path):
+    """A run that stops on an unwritable store still leaves JSON and JUnit saying why."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, _ = cli("run", recipe_factory(), "--storage", blocker / "store", "--report-dir", tmp_path / "r")
+    assert code == 2
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["exit_code"] == 2 and "not writable" in summary["error"]
+    assert 'errors="1"' in (tmp_path / "r" / "junit.xml").read_text()
+
+
+def test_locked_run_refuses_what_changed_since_the_lock(cli, recipe_factory, tmp_path):
+    """`lock` records source, data, recipe and tools; `run --locked` names each difference."""
+    recipe = recipe_factory()
+    code, _, err = cli("run", recipe, "--locked")
+    assert code == 2 and "no lock file" in err and "modelbuild lock" in err
+    assert cli("lock", recipe)[0] == 0
+    lock = json.loads(recipe.with_name("recipe.lock.json").read_text())
+    assert lock["lock_version"] == 2 and set(lock["data"]) >= {"eval"} and lock["tools"]["torch"]
+    assert cli("run", recipe, "--locked")[0] == 0
+    assert "unchanged" in cli("lock", recipe)[1]
+    lock["tools"]["torch"] = "0.0.1"  # as if the lock came from an older toolchain
+    recipe.with_name("recipe.lock.json").write_text(json.dumps(lock))
+    code, _, err = cli("run", recipe, "--locked")
+    assert code == 2 and "tools.torch: 0.0.1 →" in err
+    assert cli("lock", recipe)[0] == 0
+    recipe.write_text(recipe.read_text().replace("max_kld: 1.0", "max_kld: 2.0"))
+    code, _, err = cli("run", recipe, "--locked")
+    assert code == 2 and "recipe_sha256" in err
+
+
+def test_locked_run_refuses_a_moved_upstream(recipe_factory, dirs, tiny_model, tmp_path):
+    """A Hub branch that moved to a new commit since the lock: --locked refuses, naming both."""
+    from tests.test_sources import populate_hub_cache
+
+    old, new = "1" * 40, "2" * 40
+    populate_hub_cache(tmp_path / "hub", "acme/tiny", tiny_model, old)
+    recipe = recipe_factory(source="source:\n  kind: hub\n  repo: acme/tiny\n  revision: main\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+
+    def modelbuild(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline", *args, "--cache-dir", str(dirs["cache"])], cwd=REPO,
+                              env=env, capture_output=True, text=True)
+
+    assert modelbuild("lock", str(recipe)).returncode == 0
+    populate_hub_cache(tmp_path / "hub", "acme/tiny", tiny_model, new)  # the branch now points at `new`
+    refused = modelbuild("run", str(recipe), "--locked", "--storage", str(dirs["storage"]))
+    assert refused.returncode == 2 and f"source.commit: {old[:12]}… → {new[:12]}…" in refused.stderr
+
+
+def _counting(monkeypatch) -> list[str]:
+    """Record which variants the backend quantizes and evaluates, still calling through."""
+    calls: list[str] = []
+    quantize, load = LLMCompressorBackend.quantize, LLMCompressorBackend.load_for_eval
+
+    def counted_quantize(self, variant, *a, **k):
+        calls.append(f"quantize {variant.name}")
+        return quantize(self, variant, *a, **k)
+
+    def counted_load(self, *a, **k):
+        calls.append("evaluate")
+        return load(self, *a, **k)
+
+    monkeypatch.setattr(LLMCompressorBackend, "quantize", counted_quantize)
+    monkeypatch.setattr(LLMCompressorBackend, "load_for_eval", counted_load)
+    return calls
+
+
+def test_one_variant_changed_rebuilds_only_that_variant(cli, recipe_factory, monkeypatch):
+    two = "  - name: w8a16\n    backend: llmcompressor\n    scheme: W8A16\n    group_size: {}\n"
+    assert cli("run", recipe_factory(extra=two.format(32)))[0] == 0
+    calls = _counting(monkeypatch)
+    code, _, err = cli("run", recipe_factory(extra=two.format(64)))
+    assert code == 0, err
+    assert calls == ["quantize w8a16", "evaluate"]
+    assert "baseline: running" not in err
+
+
+def test_new_upstream_content_rebuilds_everything_after_fetch(cli, recipe_factory, tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    two = "  - name: w8a16\n    backend: llmcompressor\n    scheme: W8A16\n    group_size: 32\n"
+    recipe = recipe_factory(source=f"source:\n  kind: local\n  path: {model}\n", extra=two)
+    assert cli("run", recipe)[0] == 0
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rope_theta": 50000.0}))
+    calls = _counting(monkeypatch)
+    code, _, err = cli("run", recipe)
+    assert code == 0, err
+    assert sorted(calls) == ["evaluate", "evaluate", "quantize fp8", "quantize w8a16"]
+    assert "fetch: running" in err and "baseline: running" in err

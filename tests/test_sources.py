@@ -89,9 +89,10 @@ def test_remote_code_needs_opt_in(tmp_path, tiny_model):
 def populate_hub_cache(cache: Path, repo: str, files_from: Path, commit: str, ref: str = "main") -> None:
     """Lay out a Hugging Face Hub cache the way huggingface_hub writes it: blobs named by their
     hash, a snapshot folder per commit holding symlinks to the blobs, refs/<branch> naming the
-    commit. Extra files (a README, a pickle) show that only model files are taken."""
+    commit. Extra files (a README, a pickle) show that only model files are taken. Called again
+    with another commit, it moves the branch (as a new upstream release does)."""
     root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "blobs").mkdir(parents=True)
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
     snap = root / "snapshots" / commit
     snap.mkdir(parents=True)
     for f in files_from.iterdir():
@@ -99,7 +100,7 @@ def populate_hub_cache(cache: Path, repo: str, files_from: Path, commit: str, re
         blob = root / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
         (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
-    (root / "refs").mkdir()
+    (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / ref).write_text(commit)
 
 

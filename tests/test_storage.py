@@ -358,3 +358,19 @@ def test_push_hub_refuses_a_damaged_version(tmp_path):
     blob.write_bytes(b"x" * 4096)
     bad = _cli("push-hub", "m/v", "org/repo", "--storage", str(tmp_path / "store"))
     assert bad.returncode == 5 and "not uploaded" in bad.stderr
+
+
+def test_pull_refuses_a_manifest_path_outside_the_destination(tmp_path):
+    url = str(tmp_path / "store")
+    out = _publish(url, tmp_path, "v", "a")
+    manifest = Path(out["path"]) / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["files"][0]["path"] = "../../escaped.bin"
+    manifest.write_text(json.dumps(data))
+    from pipeline.storage.location import open_storage
+    from pipeline.storage.registry import reindex
+
+    reindex(open_storage(url))  # so the index agrees and only the path check can refuse it
+    bad = _cli("pull", "m/v", str(tmp_path / "dest"), "--storage", url)
+    assert bad.returncode == 5 and "unsafe path '../../escaped.bin'" in bad.stderr
+    assert not (tmp_path / "escaped.bin").exists()

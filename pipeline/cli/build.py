@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,6 +16,79 @@ from pipeline.cli.options import CacheDirOpt, DeviceOpt, RecipeArg, StorageOpt
 def register(app: typer.Typer) -> None:
     app.command()(plan)
     app.command()(run)
+    app.command()(lock)
+    app.command()(watch)
+
+
+def watch(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files (YAML).", show_default=False, metavar="RECIPE...")],
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Run every stale recipe (then refresh its lock).")] = False,
+    cache_dir: CacheDirOpt = None,
+    storage: StorageOpt = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Report which recipes' sources or data moved since their lock; exit 0 nothing new, 10 stale,
+    11 rebuilt, 12 could not check, 13 a rebuild failed."""
+    import json
+    import time
+
+    from pipeline import lockfile
+    from pipeline import watch as watching
+    from pipeline.errors import GateFailed, ModelbuildError
+    from pipeline.orchestrate import prepare
+    from pipeline.orchestrate import run as run_prepared
+    from pipeline.progress import Reporter
+    from pipeline.run_report import default_folder, write_for_run
+    from pipeline.stages.gate import failure_lines
+
+    checks = [watching.check(r) for r in recipes]
+    rebuilt, failed, results = 0, 0, {}
+    for c in checks:
+        if c.status == "stale" and rebuild:
+            prepared, report, started = None, None, time.time()
+            try:
+                reporter = Reporter()
+                prepared = prepare(c.recipe, cache_dir=cache_dir, storage=storage, reporter=reporter)
+                report = run_prepared(prepared, device="auto", reporter=reporter)
+                failures = [line for o in report.outcomes.values() if o.stage.kind == "gate" and "checks" in o.result
+                            for line in failure_lines(o.stage.id.split("/", 1)[1], o.result)]
+                if failures:
+                    raise GateFailed(failures)
+                lockfile.write(prepared)
+                rebuilt += 1
+                results[str(c.recipe)] = "rebuilt"
+                error, code = None, 0
+            except ModelbuildError as e:
+                failed += 1
+                results[str(c.recipe)] = f"rebuild failed: {e.render()}"
+                error, code = e.render(), e.exit_code
+            if prepared is not None:  # the rebuild's reports, as `run` writes them
+                write_for_run(default_folder(prepared.loaded.recipe.name), prepared, report, exit_code=code,
+                              error=error, seconds=time.time() - started)
+    if json_:
+        typer.echo(json.dumps([{**c.as_dict(), "rebuild": results.get(str(c.recipe))} for c in checks], indent=2))
+    else:
+        for c in checks:
+            detail = "; ".join(c.changes) if c.changes else (c.reason or "")
+            line = {"current": "current", "stale": "stale", "unknown": "could not check"}[c.status]
+            typer.echo(f"{line}: {c.recipe}" + (f" ({detail})" if detail else "")
+                       + (f" → {results[str(c.recipe)]}" if str(c.recipe) in results else ""))
+    raise typer.Exit(watching.exit_code(checks, rebuilt, failed))
+
+
+def lock(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files (YAML).", show_default=False, metavar="RECIPE...")],
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Write or refresh each recipe's lock file: resolved source, data digests, tool versions."""
+    from pipeline import lockfile
+    from pipeline.orchestrate import prepare
+    from pipeline.progress import Reporter
+
+    for recipe in recipes:
+        prepared = prepare(recipe, cache_dir=cache_dir, storage=None, reporter=Reporter())
+        path, changed = lockfile.write(prepared)
+        typer.echo(f"{path}: {'written' if changed else 'unchanged'}")
 
 
 def plan(
@@ -80,18 +154,42 @@ def run(
     cache_dir: CacheDirOpt = None,
     storage: StorageOpt = None,
     device: DeviceOpt = "auto",
+    locked: Annotated[bool, typer.Option(
+        "--locked", help="Refuse to run when the source, data, recipe or tools differ from <recipe>.lock.json.",
+    )] = False,
+    report_dir: Annotated[Path | None, typer.Option(
+        "--report-dir", help="Where summary.json, junit.xml and summary.md go [default: $MODELBUILD_REPORTS, else reports/<recipe name>].",
+    )] = None,
 ) -> None:
-    """Build, evaluate, gate and publish every variant of a recipe (cached stages are reused)."""
-    from pipeline.errors import GateFailed, NeedsHardware
-    from pipeline.stages.trtllm_engine import builder_command
+    """Build, evaluate, gate and publish every variant of a recipe (cached stages are reused).
+
+    Every run that starts writes summary.json, junit.xml (one test case per variant's gate) and
+    summary.md, also when a gate fails or a stage stops it."""
+    import time
+
+    from pipeline.errors import GateFailed, ModelbuildError, NeedsHardware
     from pipeline.orchestrate import prepare
     from pipeline.orchestrate import run as run_prepared
     from pipeline.progress import Reporter
+    from pipeline.run_report import default_folder, write_for_run
     from pipeline.stages.gate import failure_lines
+    from pipeline.stages.trtllm_engine import builder_command
 
     reporter = Reporter()
     prepared = prepare(recipe, cache_dir=cache_dir, storage=storage, reporter=reporter)
-    report = run_prepared(prepared, device=device, reporter=reporter)
+    folder = report_dir or default_folder(prepared.loaded.recipe.name)
+    started = time.time()
+
+    def write_reports(report, exit_code: int, error: str | None) -> None:
+        paths = write_for_run(folder, prepared, report, exit_code=exit_code, error=error, seconds=time.time() - started)
+        if report is not None:  # a stopped run's error stays the one line it prints
+            typer.echo(f"reports: {paths['json']}, {paths['junit']}, {paths['markdown']}", err=True)
+
+    try:
+        report = run_prepared(prepared, device=device, reporter=reporter, locked=locked)
+    except ModelbuildError as e:
+        write_reports(None, e.exit_code, e.render())
+        raise
 
     baseline = report.outcomes["baseline"].result
     table = Table(title=f"{prepared.loaded.recipe.name} (baseline PPL {baseline['ppl']:.3f}, "
@@ -133,7 +231,9 @@ def run(
             line += f"; {builder_command(prepared.loaded.path, outcome.stage)}"
         typer.echo(line, err=True)
         pending.append(line)
-    if failures:
-        raise GateFailed(failures)
-    if pending:
-        raise NeedsHardware([o.stage.id for o in report.not_built()])
+    outcome_error = GateFailed(failures) if failures else (
+        NeedsHardware([o.stage.id for o in report.not_built()]) if pending else None)
+    write_reports(report, outcome_error.exit_code if outcome_error else 0,
+                  outcome_error.render() if outcome_error else None)
+    if outcome_error is not None:
+        raise outcome_error

@@ -14,7 +14,7 @@ CacheDirOpt = Annotated[
 ]
 StorageOpt = Annotated[
     str | None,
-    typer.Option("--storage", help="Storage root to publish to: a folder or s3://BUCKET[/PREFIX] "
+    typer.Option("--storage", help="Storage root to publish to: a folder or s3://BUCKET/PREFIX "
                                    "[default: recipe's publish.root, else ./artifacts]."),
 ]
 DeviceOpt = Annotated[

@@ -1,6 +1,7 @@
 """Consumer commands on a store: ``list``, ``show``, ``select``, ``pull``, ``promote``,
-``rollback``, ``gc``, ``reindex``, ``deploy``, ``push-hub``. Each takes ``--storage`` (a folder or ``s3://...``) and, where
-a script would read it, ``--json``."""
+``rollback``, ``gc``, ``reindex``, ``deploy``, ``push-hub``. Each takes ``--storage`` (a folder or
+``s3://...``; the endpoint and credentials from the AWS variables) and, where a script would read
+it, ``--json``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import typer
 StoreOpt = Annotated[
     str,
     typer.Option("--storage", envvar="MODELBUILD_STORAGE",
-                 help="Store to read: a folder or s3://BUCKET[/PREFIX] (endpoint from AWS_ENDPOINT_URL)."),
+                 help="Store to read: a folder or s3://BUCKET/PREFIX (endpoint from AWS_ENDPOINT_URL)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 RefArg = Annotated[str, typer.Argument(help="MODEL[/VARIANT[@VERSION|@CHANNEL]].", show_default=False, metavar="REF")]

@@ -39,8 +39,11 @@ def resolve(source) -> ResolvedSource:
 
 
 def _resolve_commit(source) -> str:
+    import httpx
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
 
     where = f"source {source.repo}@{source.revision}"
     try:
@@ -57,10 +60,19 @@ def _resolve_commit(source) -> str:
             "not in the local Hub cache and HF_HUB_OFFLINE is set", where=where,
             fix="download it once online, or unset HF_HUB_OFFLINE",
         ) from None
+    except RevisionNotFoundError:
+        raise SourceError(f"revision {source.revision!r} does not exist (any more) in {source.repo}", where=where,
+                          fix="pin a revision that exists (a branch, tag or commit of the repo)") from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"repository {source.repo} does not exist or is not visible to this token", where=where,
+                          fix="check the repo id and HF_TOKEN") from None
     except HfHubHTTPError as e:
         raise SourceError(f"the Hub refused: {e}", where=where, fix="check the repo id, revision and token") from None
-    except OSError as e:
-        raise SourceError(f"cannot reach the Hub: {e}", where=where, fix="check the network or use HF_HUB_OFFLINE=1") from None
+    except (OSError, httpx.TransportError) as e:
+        # huggingface_hub 1.x speaks httpx: a refused connection, DNS failure or timeout is an
+        # httpx.TransportError, not an OSError.
+        raise SourceError(f"cannot reach the Hub: {e.__class__.__name__}: {e}", where=where,
+                          fix="check the network or use HF_HUB_OFFLINE=1") from None
 
 
 def materialize(source, resolved: ResolvedSource, out_dir: Path) -> dict:

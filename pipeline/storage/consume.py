@@ -106,8 +106,8 @@ def pull(storage: Storage, ref: Ref, dest: Path, *, jobs: int = 8) -> dict[str, 
     """Download a published version into ``dest``, every file checked against the manifest's
     sha256 before the folder is moved into place.
 
-    Files land in ``<dest>.partial-<version>`` beside ``dest``: an interrupted pull resumes
-    there (files already complete and correct are kept), a mismatch removes it.
+    Files land in ``.<dest name>.partial-<version>`` beside ``dest``: an interrupted pull
+    resumes there (files already complete and correct are kept), a mismatch removes it.
 
     Raises:
         StorageError: unknown reference; ``dest`` exists with other content.
@@ -116,6 +116,12 @@ def pull(storage: Storage, ref: Ref, dest: Path, *, jobs: int = 8) -> dict[str, 
     version, manifest, raw = resolve(storage, ref)
     _check_index_digest(storage, ref.model, ref.variant, version, raw)
     base = f"{ref.model}/{ref.variant}/{version}"
+    for record in manifest["files"]:
+        # A manifest is data from the store: its paths must stay inside the destination.
+        parts = Path(record["path"]).parts
+        if not parts or Path(record["path"]).is_absolute() or ".." in parts:
+            raise IntegrityError(f"manifest of {base} lists an unsafe path {record['path']!r}",
+                                 fix="the store was tampered with: republish the variant")
     dest = Path(dest).resolve()
     if dest.exists() and any(dest.iterdir()):
         if (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == raw:

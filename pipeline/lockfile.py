@@ -1,0 +1,97 @@
+"""``<recipe>.lock.json``: what a recipe resolved to, so a rebuild is the same build.
+
+It records the source as resolved (a Hub branch's commit, a local checkpoint's or GGUF file's
+digests), the calibration and evaluation data digests, the recipe's digest and the version of
+every tool that shapes an output. ``modelbuild lock`` writes it; ``run`` refreshes it for Hub
+sources (as a package manager refreshes its lock); ``run --locked`` refuses to build when what
+it resolves now differs from the lock, naming each difference — the upstream moved, a tool was
+upgraded, the data or the recipe changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+
+LOCK_VERSION = 2
+
+
+class LockMismatch(InputError):
+    """``--locked`` and the lock file disagree with what the recipe resolves to now."""
+
+
+def current(prepared) -> dict[str, Any]:
+    """The lock a prepared plan implies (no timestamp)."""
+    plan = prepared.plan
+    return {
+        "lock_version": LOCK_VERSION,
+        "recipe_sha256": prepared.loaded.digest,
+        "source": plan.source.provenance,
+        "data": dict(plan.data),
+        "tools": dict(plan.tool_versions),
+    }
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise LockMismatch(f"lock file {path} is not valid JSON", where=str(path),
+                           fix="regenerate it: modelbuild lock RECIPE") from None
+
+
+def differences(locked: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """One line per field that changed, e.g. ``source.commit: 0123abcd… → 89ef0123…``."""
+    out = []
+
+    def short(value: Any) -> str:
+        text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+        return text if len(text) <= 24 else text[:12] + "…"
+
+    for section in ("recipe_sha256", "source", "data", "tools"):
+        old, new = locked.get(section), now.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    out.append(f"{section}.{key}: {short(old.get(key))} → {short(new.get(key))}")
+        elif old != new:
+            out.append(f"{section}: {short(old)} → {short(new)}")
+    return out
+
+
+def check(prepared) -> None:
+    """Raise LockMismatch unless the lock file exists and matches what was resolved now."""
+    path = prepared.loaded.lock_path
+    locked = read(path)
+    if locked is None:
+        raise LockMismatch(f"--locked but there is no lock file {path.name}", where=str(path),
+                           fix=f"create it: modelbuild lock {prepared.loaded.path}")
+    changed = differences(locked, current(prepared))
+    if changed:
+        raise LockMismatch(f"the recipe no longer resolves to its lock: {'; '.join(changed)}", where=str(path),
+                           fix=f"review the change, then refresh the lock: modelbuild lock {prepared.loaded.path}")
+
+
+def write(prepared) -> tuple[Path, bool]:
+    """Write the lock (atomically); ``(path, changed)``. An unchanged lock keeps its file."""
+    path = prepared.loaded.lock_path
+    lock = current(prepared)
+    try:
+        old = read(path)
+    except LockMismatch:
+        old = None
+    if old is not None and not differences(old, lock) and old.get("lock_version") == LOCK_VERSION:
+        return path, False
+    lock["resolved_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path, True

@@ -1,0 +1,150 @@
+"""What one ``modelbuild run`` leaves for CI systems and people: ``summary.json`` (scripts),
+``junit.xml`` (one test case per variant's gate: CI systems show them as tests) and
+``summary.md`` (a job page; appended to ``$GITHUB_STEP_SUMMARY`` when GitHub Actions sets it).
+
+JUnit follows the de-facto schema that Jenkins, GitLab and GitHub's test reporters read:
+``testsuites > testsuite(name, tests, failures, errors, skipped, time) > testcase(classname,
+name, time)`` with ``failure``/``error``/``skipped`` children. A gate that failed is a failure; a
+variant whose stage failed, an error; a variant waiting for hardware this machine lacks, skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+SUMMARY_FORMAT = 1
+
+
+def variant_rows(recipe, report) -> list[dict[str, Any]]:
+    """One row per variant from a finished (or stopped) run: status, size, metrics, gate, where."""
+    from pipeline.stages.gate import failure_lines
+
+    rows = []
+    for variant in recipe.variants:
+        out = report.outcomes if report is not None else {}
+        quant, evaluation = out.get(f"quantize/{variant.name}"), out.get(f"evaluate/{variant.name}")
+        gate, publish = out.get(f"gate/{variant.name}"), out.get(f"publish/{variant.name}")
+        row: dict[str, Any] = {"variant": variant.name, "backend": variant.backend}
+        if gate is not None and gate.status != "needs" and "passed" in gate.result:
+            row["status"] = "passed" if gate.result["passed"] else "failed"
+            row["gate_failures"] = failure_lines(variant.name, gate.result)
+        elif any(o is not None and o.status == "needs" for o in (quant, evaluation, gate)):
+            row["status"] = "not built"
+        else:
+            row["status"] = "error"
+        if quant is not None and quant.status != "needs":
+            row["size_bytes"] = quant.result.get("size_bytes")
+            row["format"] = quant.result.get("format", {}).get("format")
+        if evaluation is not None and evaluation.status != "needs":
+            row["metrics"] = evaluation.result.get("metrics")
+            row["seconds"] = {"evaluate": evaluation.seconds}
+        if publish is not None and publish.status != "needs":
+            row["publish"] = {k: publish.result.get(k) for k in ("status", "path", "version") if k in publish.result}
+        rows.append(row)
+    return rows
+
+
+def default_folder(recipe_name: str) -> Path:
+    """``$MODELBUILD_REPORTS``, else ``reports/<recipe name>`` under the working directory."""
+    env = os.environ.get("MODELBUILD_REPORTS")
+    return Path(env) if env else Path("reports") / recipe_name
+
+
+def write_for_run(folder: Path, prepared, report, *, exit_code: int, error: str | None, seconds: float) -> dict[str, Path]:
+    """The three files of one run of a prepared plan (``report`` None when it stopped early)."""
+    recipe = prepared.loaded.recipe
+    baseline = report.outcomes["baseline"].result if report is not None and "baseline" in report.outcomes else None
+    return write(folder, recipe_name=recipe.name, recipe_path=str(prepared.loaded.path), storage=prepared.storage,
+                 rows=variant_rows(recipe, report), baseline=baseline, exit_code=exit_code, error=error,
+                 seconds=seconds)
+
+
+def write(folder: Path, *, recipe_name: str, recipe_path: str, storage: str, rows: list[dict[str, Any]],
+          baseline: dict[str, Any] | None, exit_code: int, error: str | None, seconds: float) -> dict[str, Path]:
+    """Write the three files into ``folder``; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "recipe": {"name": recipe_name, "path": recipe_path},
+        "storage": storage,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 3),
+        "exit_code": exit_code,
+        "error": error,
+        "baseline": baseline,
+        "variants": rows,
+    }
+    paths = {"json": folder / "summary.json", "junit": folder / "junit.xml", "markdown": folder / "summary.md"}
+    _atomic(paths["json"], json.dumps(summary, indent=2, default=str) + "\n")
+    _atomic(paths["junit"], junit(recipe_name, rows, error, seconds))
+    markdown = _markdown(summary)
+    _atomic(paths["markdown"], markdown)
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary:
+        with open(step_summary, "a", encoding="utf-8") as f:
+            f.write(markdown + "\n")
+    return paths
+
+
+def junit(recipe_name: str, rows: list[dict[str, Any]], error: str | None, seconds: float) -> str:
+    suites = ET.Element("testsuites", name="modelbuild")
+    suite = ET.SubElement(suites, "testsuite", name=f"modelbuild.gate.{recipe_name}")
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for row in rows:
+        counts["tests"] += 1
+        case = ET.SubElement(suite, "testcase", classname=f"modelbuild.gate.{recipe_name}", name=row["variant"],
+                             time=f"{(row.get('seconds') or {}).get('evaluate') or 0:.3f}")
+        if row["status"] == "failed":
+            counts["failures"] += 1
+            lines = row.get("gate_failures") or ["gate failed"]
+            ET.SubElement(case, "failure", type="GateFailed", message=lines[0]).text = "\n".join(lines)
+        elif row["status"] == "not built":
+            counts["skipped"] += 1
+            ET.SubElement(case, "skipped", message="needs hardware this machine lacks (see the run's output)")
+        elif row["status"] == "error":
+            counts["errors"] += 1
+            ET.SubElement(case, "error", type="StageError", message=error or "the run stopped before this variant was gated")
+        metrics = row.get("metrics") or {}
+        if metrics:
+            ET.SubElement(case, "system-out").text = json.dumps(metrics, sort_keys=True)
+    for key, value in counts.items():
+        suite.set(key, str(value))
+    suite.set("time", f"{seconds:.3f}")
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    recipe = summary["recipe"]["name"]
+    lines = [f"### modelbuild: {recipe}", ""]
+    if summary["baseline"]:
+        lines += [f"Baseline PPL {summary['baseline'].get('ppl', float('nan')):.3f} over "
+                  f"{summary['baseline'].get('tokens_scored')} tokens; storage `{summary['storage']}`.", ""]
+    if summary["error"]:
+        lines += [f"**Stopped:** {summary['error']}", ""]
+    lines += ["| variant | status | size MB | PPL ratio | mean KLD | top-1 |", "| --- | --- | --- | --- | --- | --- |"]
+    icons = {"passed": "✅ passed", "failed": "❌ gate failed", "not built": "⏸ not built", "error": "⚠️ error"}
+    for row in summary["variants"]:
+        m = row.get("metrics") or {}
+        size = f"{row['size_bytes'] / 1e6:.1f}" if row.get("size_bytes") else "–"
+
+        def fmt(key: str, spec: str) -> str:
+            return format(m[key], spec) if isinstance(m.get(key), (int, float)) else "–"
+
+        lines.append(f"| {row['variant']} | {icons[row['status']]} | {size} | {fmt('ppl_ratio', '.4f')} | "
+                     f"{fmt('mean_kld', '.4f')} | {fmt('top1', '.3f')} |")
+    failures = [line for row in summary["variants"] for line in row.get("gate_failures") or []]
+    if failures:
+        lines += ["", *[f"- {line}" for line in failures]]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

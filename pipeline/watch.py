@@ -1,0 +1,74 @@
+"""``modelbuild watch``: which recipes no longer match what they were built from.
+
+For each recipe the source is resolved again, cheaply (a Hub branch → its current commit with one
+API call; a local checkpoint or GGUF file → its digests), and the data corpora are re-hashed;
+both are compared with the recipe's lock file (``<recipe>.lock.json``, written by ``lock`` and by
+every rebuild). A recipe is *current* when nothing moved, *stale* when something did (each change
+named), and *unknown* when the source could not be asked (Hub unreachable or offline, revision
+deleted): "could not check" is never reported as "nothing new".
+
+Exit codes, for schedulers (outside the range the other commands use):
+0 nothing new · 10 stale recipes found (no ``--rebuild``) · 11 stale recipes rebuilt ·
+12 some recipes could not be checked · 13 a rebuild failed. When several apply, the most urgent
+wins: 13, then 12, then 11/10.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NOTHING_NEW, STALE, REBUILT, UNKNOWN, FAILED = 0, 10, 11, 12, 13
+
+
+@dataclass
+class Check:
+    recipe: Path
+    status: str  # current | stale | unknown
+    changes: list[str] = field(default_factory=list)
+    reason: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"recipe": str(self.recipe), "status": self.status, "changes": self.changes, "reason": self.reason}
+
+
+def check(recipe_path: Path) -> Check:
+    """Compare one recipe's source and data, as they are now, with its lock file.
+
+    Raises:
+        RecipeError: the recipe itself is broken (that is the caller's input, not the upstream's).
+    """
+    from pipeline import lockfile
+    from pipeline.errors import ModelbuildError
+    from pipeline.plan.build import _corpus_digests
+    from pipeline.recipe.load import load_recipe
+    from pipeline.sources import resolve
+
+    loaded = load_recipe(recipe_path)
+    recipe = loaded.recipe
+    if recipe.source.kind == "hub" and os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        return Check(recipe_path, "unknown", reason="HF_HUB_OFFLINE is set: the Hub cannot be asked for new commits")
+    try:
+        provenance = resolve(recipe.source).provenance
+        data = _corpus_digests(recipe)
+    except ModelbuildError as e:
+        return Check(recipe_path, "unknown", reason=e.render())
+    locked = lockfile.read(loaded.lock_path)
+    if locked is None:
+        return Check(recipe_path, "stale", [f"no lock file {loaded.lock_path.name}: not built under a lock yet"])
+    now = {"recipe_sha256": loaded.digest, "source": provenance, "data": data}
+    changes = lockfile.differences({k: locked.get(k) for k in now}, now)
+    return Check(recipe_path, "stale" if changes else "current", changes)
+
+
+def exit_code(checks: list[Check], rebuilt: int, failed: int) -> int:
+    if failed:
+        return FAILED
+    if any(c.status == "unknown" for c in checks):
+        return UNKNOWN
+    if rebuilt:
+        return REBUILT
+    if any(c.status == "stale" for c in checks):
+        return STALE
+    return NOTHING_NEW
