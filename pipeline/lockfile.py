@@ -80,15 +80,26 @@ def check(prepared) -> None:
                            fix=f"review the change, then refresh the lock: modelbuild lock {prepared.loaded.path}")
 
 
-def write(prepared) -> tuple[Path, bool]:
-    """Write the lock (atomically); ``(path, changed)``. An unchanged lock keeps its file."""
+def write(prepared, *, acknowledge_releases: bool = False) -> tuple[Path, bool]:
+    """Write the lock (atomically); ``(path, changed)``. An unchanged lock keeps its file.
+
+    With watch rules and ``acknowledge_releases`` (``modelbuild lock``), the upstream releases seen
+    now are recorded (what ``watch`` compares against); otherwise the lock's earlier record is kept.
+    Releases never enter ``--locked`` checks: they do not change what is built."""
+    from pipeline.watch import releases
+
     path = prepared.loaded.lock_path
     lock = current(prepared)
     try:
         old = read(path)
     except LockMismatch:
         old = None
-    if old is not None and not differences(old, lock) and old.get("lock_version") == LOCK_VERSION:
+    if acknowledge_releases and prepared.loaded.recipe.watch.any():
+        lock["releases"] = releases(prepared.loaded.recipe)
+    elif old is not None and old.get("releases") is not None:
+        lock["releases"] = old["releases"]
+    if (old is not None and not differences(old, lock) and old.get("lock_version") == LOCK_VERSION
+            and old.get("releases") == lock.get("releases")):
         return path, False
     lock["resolved_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")

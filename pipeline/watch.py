@@ -5,10 +5,13 @@ API call; a local checkpoint or GGUF file → its digests), and the data corpora
 both are compared with the recipe's lock file (``<recipe>.lock.json``, written by ``lock`` and by
 every rebuild). A recipe is *current* when nothing moved, *stale* when something did (each change
 named), and *unknown* when the source could not be asked (Hub unreachable or offline, revision
-deleted): "could not check" is never reported as "nothing new".
+deleted): "could not check" is never reported as "nothing new". The recipe's ``watch`` rules add
+*new release*: a new tag on the source repo or a new repo of a watched author matching a pattern,
+against the releases the lock has seen. A new release rebuilds nothing by itself (the recipe
+still names what it built); ``modelbuild lock`` acknowledges it.
 
 Exit codes, for schedulers (outside the range the other commands use):
-0 nothing new · 10 stale recipes found (no ``--rebuild``) · 11 stale recipes rebuilt ·
+0 nothing new · 10 stale recipes or new releases found (not rebuilt) · 11 stale recipes rebuilt ·
 12 some recipes could not be checked · 13 a rebuild failed. When several apply, the most urgent
 wins: 13, then 12, then 11/10.
 """
@@ -25,7 +28,7 @@ NOTHING_NEW, STALE, REBUILT, UNKNOWN, FAILED = 0, 10, 11, 12, 13
 @dataclass
 class Check:
     recipe: Path
-    status: str  # current | stale | unknown
+    status: str  # current | stale | new release | unknown
     changes: list[str] = field(default_factory=list)
     reason: str | None = None
 
@@ -59,7 +62,58 @@ def check(recipe_path: Path) -> Check:
         return Check(recipe_path, "stale", [f"no lock file {loaded.lock_path.name}: not built under a lock yet"])
     now = {"recipe_sha256": loaded.digest, "source": provenance, "data": data}
     changes = lockfile.differences({k: locked.get(k) for k in now}, now)
-    return Check(recipe_path, "stale" if changes else "current", changes)
+    if changes:
+        return Check(recipe_path, "stale", changes)
+    if recipe.watch.any():
+        try:
+            found = new_releases(locked, releases(recipe))
+        except ModelbuildError as e:
+            return Check(recipe_path, "unknown", reason=e.render())
+        if found:
+            return Check(recipe_path, "new release", found)
+    return Check(recipe_path, "current")
+
+
+def releases(recipe) -> dict[str, list[str]]:
+    """What the recipe's watch rules see upstream now: the source repo's tags and the matching
+    repositories of each watched author (one Hub API call each).
+
+    Raises:
+        SourceError: offline, unreachable, or the Hub refused.
+    """
+    from fnmatch import fnmatch
+
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from pipeline.errors import SourceError
+
+    rules = recipe.watch
+    where = f"watch rules of {recipe.name}"
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        raise SourceError("HF_HUB_OFFLINE is set: the Hub cannot be asked for releases", where=where,
+                          fix="run where the Hub is reachable")
+    api = HfApi()
+    out: dict[str, list[str]] = {"tags": [], "repos": []}
+    try:
+        if rules.tags:
+            out["tags"] = sorted(t.name for t in api.list_repo_refs(recipe.source.repo).tags)
+        for rule in rules.new_repos:
+            out["repos"] += [m.id for m in api.list_models(author=rule.author)
+                             if fnmatch(m.id.split("/", 1)[-1], rule.pattern)]
+    except (HfHubHTTPError, OSError, httpx.TransportError) as e:
+        raise SourceError(f"cannot list releases on the Hub: {e.__class__.__name__}: {str(e).splitlines()[0]}",
+                          where=where, fix="check the network, HF_ENDPOINT and the watch rules") from None
+    out["repos"] = sorted(set(out["repos"]))
+    return out
+
+
+def new_releases(locked: dict | None, now: dict[str, list[str]]) -> list[str]:
+    """``new tag: v2``, ``new repo: org/name`` for what the lock has not seen."""
+    seen = (locked or {}).get("releases") or {"tags": [], "repos": []}
+    return ([f"new tag: {t}" for t in now["tags"] if t not in seen.get("tags", [])]
+            + [f"new repo: {r}" for r in now["repos"] if r not in seen.get("repos", [])])
 
 
 def exit_code(checks: list[Check], rebuilt: int, failed: int) -> int:
@@ -69,6 +123,6 @@ def exit_code(checks: list[Check], rebuilt: int, failed: int) -> int:
         return UNKNOWN
     if rebuilt:
         return REBUILT
-    if any(c.status == "stale" for c in checks):
+    if any(c.status in ("stale", "new release") for c in checks):
         return STALE
     return NOTHING_NEW

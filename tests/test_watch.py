@@ -2,10 +2,10 @@
 be asked is "could not check", never "nothing new".
 
 The Hub side runs against a local stand-in, not the Hub: a stdlib HTTP server on loopback that
-answers the one Hub API route `watch` uses (`GET /api/models/{repo}/revision/{revision}`, the
-model-info call huggingface_hub's `HfApi.model_info` makes), with the JSON fields and error
-headers (`X-Error-Code: RevisionNotFound`) the real Hub sends; `HF_ENDPOINT` points
-huggingface_hub at it."""
+answers the three Hub API routes `watch` uses — `GET /api/models/{repo}/revision/{revision}`
+(`HfApi.model_info`), `GET /api/models/{repo}/refs` (`list_repo_refs`) and
+`GET /api/models?author=...` (`list_models`) — with the JSON fields and error headers
+(`X-Error-Code: RevisionNotFound`) the real Hub sends; `HF_ENDPOINT` points huggingface_hub at it."""
 
 from __future__ import annotations
 
@@ -27,11 +27,29 @@ class HubStandIn:
 
     def __init__(self):
         self.commits: dict[tuple[str, str], str] = {}
+        self.tags: dict[str, list[str]] = {}  # repo -> tag names
+        self.repos: list[str] = []  # every repo id, for list_models(author=...)
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
-                parts = self.path.split("?")[0].strip("/").split("/")
+                from urllib.parse import parse_qs, urlsplit
+
+                url = urlsplit(self.path)
+                parts = url.path.strip("/").split("/")
+                if parts == ["api", "models"]:
+                    author = parse_qs(url.query).get("author", [""])[0]
+                    return self._send(200, [{"id": r, "modelId": r} for r in stand_in.repos
+                                            if r.split("/")[0] == author])
+                if len(parts) == 5 and parts[:2] == ["api", "models"] and parts[4] == "refs":
+                    repo = f"{parts[2]}/{parts[3]}"
+                    sha = stand_in.commits.get((repo, "main"), "0" * 40)
+                    return self._send(200, {
+                        "branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": sha}],
+                        "converts": [],
+                        "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": sha}
+                                 for t in stand_in.tags.get(repo, [])],
+                    })
                 if len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "revision":
                     repo, revision = f"{parts[2]}/{parts[3]}", parts[5]
                     sha = stand_in.commits.get((repo, revision))
@@ -120,6 +138,42 @@ def test_hub_branch_moved_deleted_unreachable_or_offline(recipe_factory, tiny_mo
     down = _watch(recipe, env={**online, "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert down.returncode == 12 and "cannot reach the Hub" in down.stdout
     assert "HF_HUB_OFFLINE is set" in _watch(recipe, env=offline).stdout
+
+
+def test_watch_rules_report_new_tags_and_repos_until_locked(recipe_factory, tiny_model, dirs, tmp_path, hub):
+    """New upstream releases (a tag, a matching repo of the organisation) are reported, rebuild
+    nothing, and stop being new once `lock` acknowledges them."""
+    from tests.test_sources import populate_hub_cache
+
+    commit = "c" * 40
+    populate_hub_cache(tmp_path / "hub", "acme/tiny", tiny_model, commit)
+    hub.commits[("acme/tiny", "main")] = commit
+    hub.tags["acme/tiny"] = ["v1.0"]
+    hub.repos = ["acme/tiny", "acme/tiny-v1", "acme/other", "someone/tiny-v9"]
+    rules = "watch:\n  tags: true\n  new_repos:\n    - {author: acme, pattern: 'tiny-v*'}\n"
+    recipe = recipe_factory(source="source:\n  kind: hub\n  repo: acme/tiny\n  revision: main\n", extra=rules)
+    online = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"),
+              "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    lock = subprocess.run([sys.executable, "-m", "pipeline", "lock", str(recipe), "--cache-dir", str(dirs["cache"])],
+                          cwd=REPO, env={**os.environ, **online}, capture_output=True, text=True)
+    assert lock.returncode == 0, lock.stderr[-2000:]
+    assert json.loads(recipe.with_name("recipe.lock.json").read_text())["releases"] == {
+        "tags": ["v1.0"], "repos": ["acme/tiny-v1"]}
+    assert _watch(recipe, env=online).returncode == 0
+    hub.tags["acme/tiny"].append("v2.0")
+    hub.repos.append("acme/tiny-v2")
+    found = _watch(recipe, "--rebuild", "--cache-dir", dirs["cache"], "--storage", dirs["storage"], env=online)
+    assert found.returncode == 10, found.stdout + found.stderr[-2000:]
+    assert "new release:" in found.stdout and "new tag: v2.0" in found.stdout and "new repo: acme/tiny-v2" in found.stdout
+    assert "rebuilt" not in found.stdout
+    assert subprocess.run([sys.executable, "-m", "pipeline", "lock", str(recipe), "--cache-dir", str(dirs["cache"])],
+                          cwd=REPO, env={**os.environ, **online}, capture_output=True).returncode == 0
+    assert _watch(recipe, env=online).returncode == 0
+
+
+def test_watch_rules_need_a_hub_source(cli, recipe_factory):
+    code, _, err = cli("validate", recipe_factory(extra="watch:\n  tags: true\n"))
+    assert code == 2 and "watch rules (tags, new_repos) need a Hub source" in err
 
 
 def test_exit_codes_rank_the_most_urgent():

@@ -70,7 +70,8 @@ def watch(
     else:
         for c in checks:
             detail = "; ".join(c.changes) if c.changes else (c.reason or "")
-            line = {"current": "current", "stale": "stale", "unknown": "could not check"}[c.status]
+            line = {"current": "current", "stale": "stale", "new release": "new release",
+                    "unknown": "could not check"}[c.status]
             typer.echo(f"{line}: {c.recipe}" + (f" ({detail})" if detail else "")
                        + (f" → {results[str(c.recipe)]}" if str(c.recipe) in results else ""))
     raise typer.Exit(watching.exit_code(checks, rebuilt, failed))
@@ -87,7 +88,7 @@ def lock(
 
     for recipe in recipes:
         prepared = prepare(recipe, cache_dir=cache_dir, storage=None, reporter=Reporter())
-        path, changed = lockfile.write(prepared)
+        path, changed = lockfile.write(prepared, acknowledge_releases=True)
         typer.echo(f"{path}: {'written' if changed else 'unchanged'}")
 
 

@@ -247,6 +247,24 @@ class GGUFSettings(Strict):
 # --- recipe ----------------------------------------------------------------------------------
 
 
+class NewRepos(Strict):
+    """New repositories of a Hub user or organisation whose name matches a pattern."""
+
+    author: str = Field(pattern=r"^[\w.-]+$", description="a Hub user or organisation, e.g. HuggingFaceTB")
+    pattern: str = Field("*", description="shell-style pattern on the repo name, e.g. SmolLM3-*")
+
+
+class WatchRules(Strict):
+    """What else ``modelbuild watch`` reports as a new upstream release (Hub sources only). Releases
+    never rebuild this recipe by themselves; ``modelbuild lock`` acknowledges them."""
+
+    tags: bool = Field(False, description="a new tag on the source repository")
+    new_repos: list[NewRepos] = Field(default_factory=list, description="new repositories matching a pattern")
+
+    def any(self) -> bool:
+        return self.tags or bool(self.new_repos)
+
+
 class Recipe(Strict):
     """One source model, shared calibration/eval settings, the variants to build, where to publish."""
 
@@ -260,10 +278,13 @@ class Recipe(Strict):
     )
     publish: Publish = Publish()
     gguf: GGUFSettings = Field(GGUFSettings(), description="settings shared by the llamacpp variants")
+    watch: WatchRules = Field(WatchRules(), description="new upstream releases `modelbuild watch` reports")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
         names = [v.name for v in self.variants]
+        if self.watch.any() and self.source.kind != "hub":
+            raise ValueError("watch rules (tags, new_repos) need a Hub source (source.kind: hub)")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
