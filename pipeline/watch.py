@@ -74,6 +74,38 @@ def check(recipe_path: Path) -> Check:
     return Check(recipe_path, "current")
 
 
+def rebuild(recipe_path: Path, *, cache_dir: Path | None, storage: str | None) -> tuple[bool, str]:
+    """Run a stale recipe as ``modelbuild run`` would (reports included) and refresh its lock
+    when every gate passed. Returns ``(ok, what happened)``."""
+    import time
+
+    from pipeline import lockfile
+    from pipeline.errors import GateFailed, ModelbuildError
+    from pipeline.orchestrate import prepare
+    from pipeline.orchestrate import run as run_prepared
+    from pipeline.progress import Reporter
+    from pipeline.run_report import default_folder, write_for_run
+    from pipeline.stages.gate import failure_lines
+
+    prepared, report, started = None, None, time.time()
+    try:
+        reporter = Reporter()
+        prepared = prepare(recipe_path, cache_dir=cache_dir, storage=storage, reporter=reporter)
+        report = run_prepared(prepared, device="auto", reporter=reporter)
+        failures = [line for o in report.outcomes.values() if o.stage.kind == "gate" and "checks" in o.result
+                    for line in failure_lines(o.stage.id.split("/", 1)[1], o.result)]
+        if failures:
+            raise GateFailed(failures)
+        lockfile.write(prepared)
+        ok, message, error, code = True, "rebuilt", None, 0
+    except ModelbuildError as e:
+        ok, message, error, code = False, f"rebuild failed: {e.render()}", e.render(), e.exit_code
+    if prepared is not None:  # the rebuild's reports, as `run` writes them
+        write_for_run(default_folder(prepared.loaded.recipe.name), prepared, report, exit_code=code, error=error,
+                      seconds=time.time() - started)
+    return ok, message
+
+
 def releases(recipe) -> dict[str, list[str]]:
     """What the recipe's watch rules see upstream now: the source repo's tags and the matching
     repositories of each watched author (one Hub API call each).

@@ -30,41 +30,15 @@ def watch(
     """Report which recipes' sources or data moved since their lock; exit 0 nothing new, 10 stale,
     11 rebuilt, 12 could not check, 13 a rebuild failed."""
     import json
-    import time
 
-    from pipeline import lockfile
     from pipeline import watch as watching
-    from pipeline.errors import GateFailed, ModelbuildError
-    from pipeline.orchestrate import prepare
-    from pipeline.orchestrate import run as run_prepared
-    from pipeline.progress import Reporter
-    from pipeline.run_report import default_folder, write_for_run
-    from pipeline.stages.gate import failure_lines
 
     checks = [watching.check(r) for r in recipes]
     rebuilt, failed, results = 0, 0, {}
     for c in checks:
         if c.status == "stale" and rebuild:
-            prepared, report, started = None, None, time.time()
-            try:
-                reporter = Reporter()
-                prepared = prepare(c.recipe, cache_dir=cache_dir, storage=storage, reporter=reporter)
-                report = run_prepared(prepared, device="auto", reporter=reporter)
-                failures = [line for o in report.outcomes.values() if o.stage.kind == "gate" and "checks" in o.result
-                            for line in failure_lines(o.stage.id.split("/", 1)[1], o.result)]
-                if failures:
-                    raise GateFailed(failures)
-                lockfile.write(prepared)
-                rebuilt += 1
-                results[str(c.recipe)] = "rebuilt"
-                error, code = None, 0
-            except ModelbuildError as e:
-                failed += 1
-                results[str(c.recipe)] = f"rebuild failed: {e.render()}"
-                error, code = e.render(), e.exit_code
-            if prepared is not None:  # the rebuild's reports, as `run` writes them
-                write_for_run(default_folder(prepared.loaded.recipe.name), prepared, report, exit_code=code,
-                              error=error, seconds=time.time() - started)
+            ok, results[str(c.recipe)] = watching.rebuild(c.recipe, cache_dir=cache_dir, storage=storage)
+            rebuilt, failed = rebuilt + ok, failed + (not ok)
     if json_:
         typer.echo(json.dumps([{**c.as_dict(), "rebuild": results.get(str(c.recipe))} for c in checks], indent=2))
     else:
