@@ -131,9 +131,14 @@ def releases(recipe) -> dict[str, list[str]]:
     try:
         if rules.tags:
             out["tags"] = sorted(t.name for t in api.list_repo_refs(recipe.source.repo).tags)
-        for rule in rules.new_repos:
-            out["repos"] += [m.id for m in api.list_models(author=rule.author)
-                             if fnmatch(m.id.split("/", 1)[-1], rule.pattern)]
+        for i, rule in enumerate(rules.new_repos):
+            matched = [m.id for m in api.list_models(author=rule.author)
+                       if fnmatch(m.id.split("/", 1)[-1], rule.pattern)]
+            if not matched:
+                # Most likely a typo in the author or the pattern: watching nothing is not "nothing new".
+                raise SourceError(f"watch rule matches no repository: author {rule.author!r}, pattern {rule.pattern!r}",
+                                  where=f"watch.new_repos.{i}", fix="check the author and the pattern on the Hub")
+            out["repos"] += matched
     except (HfHubHTTPError, OSError, httpx.TransportError) as e:
         raise SourceError(f"cannot list releases on the Hub: {e.__class__.__name__}: {str(e).splitlines()[0]}",
                           where=where, fix="check the network, HF_ENDPOINT and the watch rules") from None

@@ -199,8 +199,10 @@ def test_missing_bucket_is_one_clear_line(s3_endpoint, cli, recipe_factory):
     assert code == 2 and "bucket 'no-such-bucket' does not exist" in err and "aws s3 mb" in err
 
 
-def _publish_big(url: str, tmp: str, files: int, size: int) -> None:
-    """A publisher slow enough to be killed mid-upload (independent copies, many files)."""
+def _publish_big(url: str, tmp: str, files: int, size: int, hold: bool = False) -> None:
+    """A publisher of many independent copies. With ``hold`` it stops at its commit point (every data
+    file written, the manifest not yet) and waits there to be killed: the worst moment to die, made
+    deterministic instead of racing a poll against the upload."""
     from pipeline.storage.location import open_storage
     from pipeline.storage.publish import publish_variant
 
@@ -208,24 +210,40 @@ def _publish_big(url: str, tmp: str, files: int, size: int) -> None:
     src.mkdir(exist_ok=True)
     for i in range(files):
         (src / f"shard-{i:03d}.bin").write_bytes(os.urandom(size))
-    publish_variant(open_storage(url), model="m", variant="big", build_key="b" * 64, files_from=src,
-                    manifest=_manifest(), link=False)
+    store = open_storage(url)
+    if hold:
+        def wait_here() -> None:
+            (Path(tmp) / "at-commit-point").touch()
+            time.sleep(3600)
+
+        if store.local_path("") is None:  # S3: the manifest is the last object put
+            put = store.fs.pipe_file
+            store.fs.pipe_file = lambda path, data, **kw: (wait_here() if path.endswith("/manifest.json")
+                                                           else put(path, data, **kw))
+        else:  # filesystem: the manifest is written into the staging folder before its rename
+            replace = store._replace
+            store._replace = lambda path, data: wait_here() if path.name == "manifest.json" else replace(path, data)
+    publish_variant(store, model="m", variant="big", build_key="b" * 64, files_from=src, manifest=_manifest(),
+                    link=False)
 
 
-def test_publisher_killed_mid_upload_leaves_nothing_visible(store_url, tmp_path):
-    """SIGKILL while the files are going up: no version, no index entry, no channel; the rerun
-    publishes it whole and gc clears the leftover."""
+def test_publisher_killed_at_its_commit_point_leaves_nothing_visible(store_url, tmp_path):
+    """SIGKILL with every file up but no manifest yet: no version, no index entry, no channel; the
+    rerun publishes it whole and gc clears the leftover."""
     from pipeline.storage.location import open_storage
     from pipeline.storage.registry import channels, versions
 
     store = open_storage(store_url)
     script = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.test_storage import _publish_big;"
-              "_publish_big(sys.argv[2], sys.argv[3], 48, 2_000_000)")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(REPO), store_url, str(tmp_path)], cwd=REPO,
-                            env=dict(os.environ))
-    deadline = time.time() + 120
-    while not any(n for n in store.list_dir("m/big") if n != "channels" and store.list_files(f"m/big/{n}")):
-        assert proc.poll() is None and time.time() < deadline, "publisher ended before its upload was seen"
+              "_publish_big(sys.argv[2], sys.argv[3], 48, 2_000_000, hold=True)")
+    log = tmp_path / "publisher.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(REPO), store_url, str(tmp_path)], cwd=REPO,
+                                env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while not (tmp_path / "at-commit-point").exists():
+        assert proc.poll() is None, f"publisher ended before its commit point: {log.read_text()[-2000:]}"
+        assert time.time() < deadline, "publisher never reached its commit point"
         time.sleep(0.05)
     proc.kill()
     proc.wait()

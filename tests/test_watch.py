@@ -185,3 +185,35 @@ def test_exit_codes_rank_the_most_urgent():
     assert exit_code([Check(Path("a"), "current")], 0, 0) == 0
     assert exit_code([stale], 0, 0) == 10 and exit_code([stale], 1, 0) == 11
     assert exit_code([stale, unknown], 1, 0) == 12 and exit_code([stale, unknown], 0, 1) == 13
+
+
+def test_a_watch_rule_that_matches_nothing(recipe_factory, tiny_model, dirs, tmp_path, hub):
+    """A rule whose author/pattern matches no repository is a mistake, not "nothing new": `lock`
+    refuses it in one line, and `watch` (the repos renamed upstream after the lock) exits with its
+    "could not check" code naming the rule."""
+    from tests.test_sources import populate_hub_cache
+
+    commit = "d" * 40
+    populate_hub_cache(tmp_path / "hub", "acme/tiny", tiny_model, commit)
+    hub.commits[("acme/tiny", "main")] = commit
+    hub.repos = ["acme/tiny"]
+    source = "source:\n  kind: hub\n  repo: acme/tiny\n  revision: main\n"
+    online = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"),
+              "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+
+    def lock(recipe):
+        return subprocess.run([sys.executable, "-m", "pipeline", "lock", str(recipe), "--cache-dir",
+                               str(dirs["cache"])], cwd=REPO, env={**os.environ, **online}, capture_output=True,
+                              text=True)
+
+    typo = recipe_factory(source=source, extra="watch:\n  new_repos:\n    - {author: acme, pattern: 'tnii-*'}\n")
+    refused = lock(typo)
+    assert refused.returncode == 2 and "watch.new_repos.0" in refused.stderr, refused.stderr
+    assert "matches no repository" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+    good = recipe_factory(source=source, extra="watch:\n  new_repos:\n    - {author: acme, pattern: 'tiny*'}\n")
+    assert lock(good).returncode == 0
+    assert _watch(good, env=online).returncode == 0
+    hub.repos = ["acme/renamed"]
+    gone = _watch(good, env=online)
+    assert gone.returncode == 12 and "matches no repository" in gone.stdout, gone.stdout
