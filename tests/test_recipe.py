@@ -75,6 +75,18 @@ def test_gate_threshold_out_of_range(recipe_factory, gate, field):
     assert info.value.field == field
 
 
+@pytest.mark.parametrize("target, field, message", [
+    ("{engine: vllm, gpu: cpu}", "report.targets.0", "only llamacpp does"),
+    ("{engine: vllm, gpu: Z900}", "report.targets.0.gpu", "unknown GPU 'Z900'"),
+    ("{engine: sglang, gpu: H100}", "report.targets.0.engine", "sglang"),
+    ("{engine: llamacpp, gpu: cpu, max_gb: 0}", "report.targets.0.max_gb", "greater than 0"),
+])
+def test_bad_report_targets(recipe_factory, target, field, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe_factory(extra=f"report:\n  targets:\n    - {target}\n"))
+    assert info.value.field == field and message in info.value.render(), info.value.render()
+
+
 def test_calibration_and_eval_same_file(tmp_path, tiny_model, wikitext):
     from tests.conftest import write_recipe
 

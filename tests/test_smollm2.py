@@ -351,3 +351,30 @@ def test_deploy_example_is_what_deploy_generates_from_the_demo(demo, tmp_path):
 
     for name in ("docker-compose.yml", "nginx.conf"):
         assert normal((out / name).read_text()) == normal((REPO / "deploy" / "example" / name).read_text()), name
+
+
+def test_demo_report_shows_every_variant_with_measured_figures(demo, tmp_path):
+    """The demo's tradeoff report: every published variant with measured quality and size, CPU
+    speed for the GGUF files, both Pareto plots, a recommendation per declared target; every
+    published variant carries a model card with valid front matter."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "report"
+    done = _store_cli("report", str(DEMO), "--out", str(out), dirs=demo["dirs"])
+    assert done.returncode == 0, done.stderr
+    data = json.loads((out / "report.json").read_text())
+    manifests = _manifests(demo)
+    assert sorted(r["variant"] for r in data["rows"]) == sorted(manifests)
+    for row in data["rows"]:
+        assert row["metrics"]["mean_kld"] is not None and row["size_bytes"] > 0, row["variant"]
+        assert (row["speed"] is not None) == row["variant"].startswith("gguf-"), row["variant"]
+    assert {"size_vs_kld.png", "speed_vs_kld.png"} <= {p.name for p in out.iterdir()}
+    recs = {r["target"]: r["variant"] for r in data["recommendations"]}
+    assert len(recs) == 4 and all(recs.values()), recs
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows[recs["llama.cpp on CPU (≤ 0.11 GB)"]]["size_bytes"] <= 0.11e9
+    for name, manifest in manifests.items():
+        folder = demo["dirs"]["storage"] / "smollm2-135m-instruct" / name / manifest["version"]
+        card = ModelCard((folder / "README.md").read_text()).data.to_dict()
+        assert card["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and card["license"] == "apache-2.0"
+        assert card["base_model_relation"] == "quantized" and card["tags"], name

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from pipeline.cli import build, inspect, recipes, registry, toolchain
+from pipeline.cli import build, inspect, recipes, registry, report, toolchain
 from pipeline.errors import ModelbuildError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ recipes.register(app)
 build.register(app)
 inspect.register(app)
 registry.register(app)
+report.register(app)
 toolchain.register(app)
 
 

@@ -36,8 +36,9 @@ def _gb(n: Any) -> str:
 
 
 def _kld(e: dict[str, Any]) -> str:
-    v = e.get("metrics", {}).get("mean_kld")
-    return f"{v:.4f}" if isinstance(v, (int, float)) else "not measured"
+    from pipeline.figures import kld
+
+    return kld(e.get("metrics", {}).get("mean_kld"))
 
 
 def _min_gpu(e: dict[str, Any]) -> str:

@@ -112,7 +112,7 @@ def gguf_stages(variant, planning) -> list[Stage]:
     add(Stage(
         id=f"publish/{name}",
         kind="publish",
-        params={"model": recipe.model_name, "variant": name,
+        params={"model": recipe.model_name, "variant": name, "base_model": recipe.base_model,
                 **get_backend(variant.backend).publish_params(variant, planning)},
         inputs=(quantize.id, evaluate.id, gate.id, "baseline", "fetch", speed.id, "gguf/fidelity"),
         version=VERSIONS["publish"],
@@ -136,7 +136,7 @@ def converter_metadata(recipe) -> dict[str, Any]:
     """The converter's ``--metadata`` overrides (GGUF ``general.*`` keys) from the recipe."""
     meta = recipe.gguf.metadata
     source = recipe.source
-    base_model = meta.base_model or (source.repo if source.kind == "hub" else None)
+    base_model = meta.base_model or source.base_model or (source.repo if source.kind == "hub" else None)
     out: dict[str, Any] = {
         "general.name": meta.name or recipe.model_name,
         "general.basename": meta.basename or (meta.name or recipe.model_name).replace(" ", "-"),

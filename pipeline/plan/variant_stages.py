@@ -86,7 +86,9 @@ def standard_stages(backend, variant, planning: Planning) -> list[Stage]:
     publish = Stage(
         id=f"publish/{variant.name}",
         kind="publish",
-        params={"model": recipe.model_name, "variant": variant.name, **backend.publish_params(variant, planning)},
+        # base_model is in the model card: a new one is a new version.
+        params={"model": recipe.model_name, "variant": variant.name, "base_model": recipe.base_model,
+                **backend.publish_params(variant, planning)},
         inputs=(quantize.id, evaluate.id, gate.id, "baseline", "fetch"),
         version=VERSIONS["publish"],
         cached=False,

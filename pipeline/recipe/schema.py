@@ -53,6 +53,11 @@ class _SourceCommon(Strict):
         False, description="Run the model repository's own Python code. Off by default."
     )
     license: str | None = Field(None, description="SPDX id carried to manifests and model cards.")
+    base_model: str | None = Field(
+        None, pattern=r"^[\w.-]+/[\w.-]+$",
+        description="Hub id of the model these weights are (model cards' base_model); default: gguf.metadata's, "
+                    "else a Hub source's repo",
+    )
 
 
 class HubSource(_SourceCommon):
@@ -265,6 +270,37 @@ class WatchRules(Strict):
         return self.tags or bool(self.new_repos)
 
 
+class ReportTarget(Strict):
+    """A deployment target the report recommends a variant for (``select``'s rule)."""
+
+    engine: Literal["vllm", "trtllm", "trtllm-engine", "llamacpp"]
+    gpu: str = Field(description="a GPU name (H100, L40S, ...) or cpu")
+    max_gb: float | None = Field(None, gt=0, description="largest variant that fits (10^9 bytes on disk)")
+    max_kld: float | None = Field(None, ge=0, description="worst mean KLD vs the baseline accepted")
+
+    @field_validator("gpu")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value.lower() == "cpu":
+            return "cpu"
+        if compute_capability(value) is None:
+            raise ValueError(f"unknown GPU {value!r}; known: cpu, {', '.join(GPU_COMPUTE_CAPABILITY)}")
+        return normalise_gpu(value)
+
+    @model_validator(mode="after")
+    def _engine_runs_there(self) -> "ReportTarget":
+        if self.gpu == "cpu" and self.engine != "llamacpp":
+            raise ValueError(f"{self.engine} does not run on a CPU; only llamacpp does")
+        return self
+
+
+class ReportSettings(Strict):
+    targets: list[ReportTarget] = Field(
+        default_factory=list,
+        description="targets to recommend a variant for; default: each engine on each recipe target GPU, llama.cpp on CPU",
+    )
+
+
 class Recipe(Strict):
     """One source model, shared calibration/eval settings, the variants to build, where to publish."""
 
@@ -279,6 +315,7 @@ class Recipe(Strict):
     publish: Publish = Publish()
     gguf: GGUFSettings = Field(GGUFSettings(), description="settings shared by the llamacpp variants")
     watch: WatchRules = Field(WatchRules(), description="new upstream releases `modelbuild watch` reports")
+    report: ReportSettings = Field(ReportSettings(), description="what `modelbuild report` recommends")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
@@ -303,3 +340,10 @@ class Recipe(Strict):
     @property
     def model_name(self) -> str:
         return self.publish.model or self.name
+
+    @property
+    def base_model(self) -> str | None:
+        """The Hub id these weights derive from: ``source.base_model``, else the GGUF metadata's,
+        else a Hub source's repo."""
+        return (self.source.base_model or self.gguf.metadata.base_model
+                or (self.source.repo if self.source.kind == "hub" else None))

@@ -14,7 +14,7 @@ VERSIONS: dict[str, int] = {
     "quantize": 2,
     "evaluate": 2,
     "gate": 1,
-    "publish": 1,
+    "publish": 2,
     "gguf_convert": 1,
     "gguf_fidelity": 1,
     "gguf_imatrix": 2,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.model_card import model_card
 from pipeline.serving import profile_files
 from pipeline.storage.manifest import build_manifest
 from pipeline.storage.publish import publish_variant
@@ -25,7 +26,8 @@ def run(ctx, stage, inputs, out=None) -> dict:
         build_key=stage.key,
         files_from=inputs[f"quantize/{name}"].data,
         manifest=manifest,
-        extra_files=profile_files(profiles),
+        # The card shows the final serve commands and version, known once publish fills them in.
+        extra_files=lambda final: {**profile_files(profiles), "README.md": model_card(final, stage.params.get("base_model"))},
         link=ctx.recipe.publish.hardlink,
         known=inputs[f"quantize/{name}"].entry.record["files"],
     )

@@ -64,9 +64,9 @@ class Storage(ABC):
     @abstractmethod
     def publish_tree(self, source: Path, rel: str, extra: dict[str, bytes], make_manifest: Callable[[Records], bytes],
                      *, link: bool, known: dict[str, dict[str, Any]] | None = None) -> None:
-        """Make ``rel`` a complete version: ``source``'s files, ``extra`` (relative path → bytes)
-        and, last, ``manifest.json`` = ``make_manifest(records of every file)``. On failure
-        nothing of it stays visible.
+        """Make ``rel`` a complete version: ``source``'s files, ``extra`` (relative path → bytes;
+        it replaces a source file of the same name) and, last, ``manifest.json`` =
+        ``make_manifest(records of every file)``. On failure nothing of it stays visible.
 
         ``known`` (path → ``{path, size, sha256}``) are the files' records from the stage cache,
         whose entries are immutable: they are taken as they are instead of hashing the same

@@ -134,7 +134,7 @@ class LocalStorage(Storage):
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             staging.mkdir()
-            records = parallel_map(put, list_tree(source))
+            records = parallel_map(put, [r for r in list_tree(source) if r.as_posix() not in extra])
             for name, data in extra.items():
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 (staging / name).write_bytes(data)

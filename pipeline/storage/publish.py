@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.storage.base import Storage
 from pipeline.storage.location import check_name
@@ -34,10 +34,12 @@ def find_published(storage: Storage, model: str, variant: str, build_key: str) -
 
 def publish_variant(
     storage: Storage, *, model: str, variant: str, build_key: str, files_from: Path, manifest: dict[str, Any],
-    extra_files: dict[str, str] | None = None, link: bool = True, known: list[dict[str, Any]] | None = None,
+    extra_files: dict[str, str] | Callable[[dict[str, Any]], dict[str, str]] | None = None, link: bool = True, known: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Publish ``files_from`` (and ``extra_files``: relative path -> text, e.g. serving profiles)
-    as a new version with ``manifest``; register it and point ``latest`` at it.
+    """Publish ``files_from`` (and ``extra_files``: relative path -> text, e.g. serving profiles and
+    the model card, or a function of the final manifest returning them; an extra file replaces a
+    source file of the same name) as a new version with ``manifest``; register it and point
+    ``latest`` at it.
 
     ``known`` are the files' records from the stage cache (see :meth:`Storage.publish_tree`).
 
@@ -54,7 +56,6 @@ def publish_variant(
         version = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{build_key[:12]}"
         rel = f"{model}/{variant}/{version}"
         location = storage.location(rel)
-        extra = {name: text.encode("utf-8") for name, text in (extra_files or {}).items()}
         base = {
             **manifest,
             "model": model,
@@ -65,6 +66,8 @@ def publish_variant(
         }
         if base.get("serving_profiles"):
             base["serving_profiles"] = [{**p, "command": p["command"].format(path=location)} for p in base["serving_profiles"]]
+        files = extra_files(base) if callable(extra_files) else (extra_files or {})
+        extra = {name: text.encode("utf-8") for name, text in files.items()}
         written: list[bytes] = []
 
         def make_manifest(records: list[dict[str, Any]]) -> bytes:

@@ -182,7 +182,7 @@ class S3Storage(Storage):
                 return cached
             return {"path": posix, "size": size, "sha256": sha256_file(Path(source) / rel_path)}
 
-        rels = list_tree(Path(source))
+        rels = [r for r in list_tree(Path(source)) if r.as_posix() not in extra]
         records = parallel_map(record, rels) + [
             {"path": name, "size": len(data), "sha256": digest_bytes(data)} for name, data in extra.items()]
         manifest = make_manifest(sorted(records, key=lambda r: r["path"]))
