@@ -7,7 +7,8 @@
     │   ├── RecipeError                           recipe file: YAML, schema, cross-field checks
     │   ├── SourceError                           model source: missing, no weights, corrupt, pickle
     │   ├── DataError                             calibration / eval corpora
-    │   └── StorageError                          storage root or reference unusable (scheme, bucket, credentials, names)
+    │   ├── StorageError                          storage root or reference unusable (scheme, bucket, credentials, names)
+    │   └── ClusterError                          the Ray cluster: unreachable, or its nodes differ from the driver
     ├── ToolError                        exit 2   a backend's library is missing or too old
     ├── StageError                       exit 4   a stage failed while running
     ├── GateFailed                       exit 3   a variant missed its quality gate
@@ -74,6 +75,11 @@ class RecipeError(InputError):
 
 class SourceError(InputError):
     """The model source is missing, empty, corrupt or not allowed."""
+
+
+class ClusterError(InputError):
+    """The Ray cluster cannot take the run: unreachable, a node that cannot see the shared cache,
+    or nodes whose installed packages differ from the driver's."""
 
 
 class DataError(InputError):

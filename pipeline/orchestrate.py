@@ -57,9 +57,13 @@ def prepare(recipe_path: Path, *, cache_dir: Path | None, storage: str | os.Path
     return Prepared(loaded, plan, store, storage_root(loaded, storage))
 
 
-def run(prepared: Prepared, *, device: str, reporter: Reporter, locked: bool = False) -> Report:
+def run(prepared: Prepared, *, device: str, reporter: Reporter, locked: bool = False, executor: str = "local",
+        address: str | None = None) -> Report:
     """Execute a prepared plan: the lock (under ``locked``) and the storage root are checked
-    first, so nothing runs for nothing. A Hub source's resolution is recorded in the lock."""
+    first, so nothing runs for nothing. A Hub source's resolution is recorded in the lock.
+
+    ``executor``: ``local`` (this machine) or ``ray`` (the cluster at ``address``; ``local``
+    starts a one-machine Ray)."""
     if locked:
         lockfile.check(prepared)
     open_storage(prepared.storage, s3=prepared.loaded.recipe.publish.s3.model_dump(exclude_none=True)).check_writable()
@@ -73,4 +77,8 @@ def run(prepared: Prepared, *, device: str, reporter: Reporter, locked: bool = F
         reporter=reporter,
         plan=prepared.plan,
     )
+    if executor == "ray":
+        from pipeline.executors import ray_cluster
+
+        return ray_cluster.execute(prepared.plan, ctx, prepared.store, address=address or "local")
     return execute(prepared.plan, ctx, prepared.store)

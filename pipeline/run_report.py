@@ -61,12 +61,14 @@ def write_for_run(folder: Path, prepared, report, *, exit_code: int, error: str 
     baseline = report.outcomes["baseline"].result if report is not None and "baseline" in report.outcomes else None
     return write(folder, recipe_name=recipe.name, recipe_path=str(prepared.loaded.path), storage=prepared.storage,
                  rows=variant_rows(recipe, report), baseline=baseline, exit_code=exit_code, error=error,
-                 seconds=seconds)
+                 seconds=seconds, placements=getattr(report, "placements", None))
 
 
 def write(folder: Path, *, recipe_name: str, recipe_path: str, storage: str, rows: list[dict[str, Any]],
-          baseline: dict[str, Any] | None, exit_code: int, error: str | None, seconds: float) -> dict[str, Path]:
-    """Write the three files into ``folder``; returns their paths."""
+          baseline: dict[str, Any] | None, exit_code: int, error: str | None, seconds: float,
+          placements: dict[str, dict] | None = None) -> dict[str, Path]:
+    """Write the three files into ``folder``; returns their paths. ``placements``: where each
+    stage ran (the Ray executor's node, host, pid, start and end)."""
     folder.mkdir(parents=True, exist_ok=True)
     summary = {
         "format": SUMMARY_FORMAT,
@@ -79,6 +81,8 @@ def write(folder: Path, *, recipe_name: str, recipe_path: str, storage: str, row
         "baseline": baseline,
         "variants": rows,
     }
+    if placements is not None:
+        summary["placements"] = placements
     paths = {"json": folder / "summary.json", "junit": folder / "junit.xml", "markdown": folder / "summary.md"}
     _atomic(paths["json"], json.dumps(summary, indent=2, default=str) + "\n")
     _atomic(paths["junit"], junit(recipe_name, rows, error, seconds))

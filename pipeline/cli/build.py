@@ -135,6 +135,12 @@ def run(
     report_dir: Annotated[Path | None, typer.Option(
         "--report-dir", help="Where summary.json, junit.xml and summary.md go [default: $MODELBUILD_REPORTS, else reports/<recipe name>].",
     )] = None,
+    executor: Annotated[str, typer.Option(
+        "--executor", help="local (this machine) or ray (stages as Ray tasks across a cluster sharing the cache).",
+        case_sensitive=False)] = "local",
+    address: Annotated[str | None, typer.Option(
+        "--address", envvar="RAY_ADDRESS", help="The Ray cluster's HOST:PORT [default: start Ray on this machine].",
+    )] = None,
 ) -> None:
     """Build, evaluate, gate and publish every variant of a recipe (cached stages are reused).
 
@@ -150,6 +156,10 @@ def run(
     from pipeline.stages.gate import failure_lines
     from pipeline.stages.trtllm_engine import builder_command
 
+    if executor.lower() not in ("local", "ray"):
+        from pipeline.errors import InputError
+
+        raise InputError(f"unknown executor {executor!r}", where="--executor", fix="use local or ray")
     reporter = Reporter()
     prepared = prepare(recipe, cache_dir=cache_dir, storage=storage, reporter=reporter)
     folder = report_dir or default_folder(prepared.loaded.recipe.name)
@@ -161,7 +171,8 @@ def run(
             typer.echo(f"reports: {paths['json']}, {paths['junit']}, {paths['markdown']}", err=True)
 
     try:
-        report = run_prepared(prepared, device=device, reporter=reporter, locked=locked)
+        report = run_prepared(prepared, device=device, reporter=reporter, locked=locked, executor=executor.lower(),
+                              address=address)
     except ModelbuildError as e:
         write_reports(None, e.exit_code, e.render())
         raise
