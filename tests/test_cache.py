@@ -91,3 +91,37 @@ def test_sweep_removes_temp_folders_of_dead_writers(tmp_path):
         (folder / "data").mkdir(parents=True)
     store.sweep()
     assert not stale.exists() and live.exists() and other_host.exists()
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from pipeline.cache.store import CacheStore
+
+root, who = Path(sys.argv[1]), sys.argv[2]
+
+def build(out):
+    for i in range(20):  # many files, slowly: the two writers overlap for the whole build
+        (out / f"part-{i}.bin").write_bytes(who.encode() * 50_000)
+        time.sleep(0.01)
+    return {"who": who}
+
+entry = CacheStore(root).put("k" * 64, build, {"stage": "race"})
+print(entry.result["who"])
+"""
+
+
+def test_two_writers_racing_on_one_key_leave_one_whole_entry(tmp_path):
+    """Two processes (two nodes of a shared cache) build the same key at once: one entry appears,
+    entirely one writer's, and both get that same entry back."""
+    from tests.conftest import REPO
+
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), who], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True) for who in ("A", "B")]
+    winners = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs) and len(winners) == 1
+    entry = CacheStore(tmp_path).get("k" * 64, deep=True)
+    [who] = winners
+    assert entry.result == {"who": who}
+    assert {f.read_bytes() for f in entry.data.iterdir()} == {who.encode() * 50_000}
+    assert not any((tmp_path / "tmp").iterdir())
