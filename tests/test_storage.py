@@ -80,6 +80,29 @@ def test_run_publishes_the_tiny_recipe_to_s3(cli, recipe_factory, s3_endpoint, t
     assert _cli("verify", str(dest)).returncode == 0
 
 
+def test_recipe_names_the_s3_endpoint(cli, recipe_factory, s3_endpoint, tmp_path, monkeypatch):
+    """`publish.s3.endpoint_url` in the recipe reaches the store with no AWS_ENDPOINT_URL set; the
+    credentials still come from the environment and appear in neither the manifest nor the index."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="recipe-endpoint")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIARECIPEENDPOINT01")  # moto accepts any key pair
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-Zq9-never-written")
+    recipe = recipe_factory()
+    recipe.write_text(recipe.read_text() + f"publish:\n  root: s3://recipe-endpoint/root\n  s3: {{endpoint_url: '{s3_endpoint}'}}\n")
+    code, _out, err = cli("run", recipe, "--storage", "s3://recipe-endpoint/root")
+    assert code == 0, err
+    objects = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").list_objects_v2(
+        Bucket="recipe-endpoint")["Contents"]
+    keys = [o["Key"] for o in objects]
+    assert "root/index.json" in keys and any(k.endswith("/manifest.json") for k in keys)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    for key in ("root/index.json", next(k for k in keys if k.endswith("/manifest.json"))):
+        text = s3.get_object(Bucket="recipe-endpoint", Key=key)["Body"].read().decode()
+        assert "s3cr3t-Zq9" not in text and "AKIARECIPEENDPOINT01" not in text
+
+
 def test_eight_concurrent_publishers_lose_no_entry(store_url, tmp_path):
     script = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]);"
@@ -147,6 +170,67 @@ def test_pull_refuses_a_damaged_file_and_keeps_nothing(tmp_path):
     assert not dest.exists() and not list(tmp_path.glob(".dest.partial-*"))
 
 
+def _one_line(err: str) -> str:
+    """The CLI's error, asserted to be exactly one line."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _pull_and_hang(url: str, dest: str, marker: str) -> None:
+    """A pull that downloads its first file whole, then hangs inside the second download until it
+    is killed (deterministic, instead of racing a timer against the transfer)."""
+    from pipeline.storage.consume import pull
+    from pipeline.storage.location import open_storage
+    from pipeline.storage.refs import parse_ref
+
+    store = open_storage(url)
+    download, calls = store.download, []
+
+    def first_then_hang(rel, target):
+        calls.append(rel)
+        if len(calls) > 1:
+            Path(target).write_bytes(b"half")  # a transfer cut short
+            Path(marker).touch()
+            time.sleep(3600)
+        return download(rel, target)
+
+    store.download = first_then_hang
+    pull(store, parse_ref("m/big"), Path(dest), jobs=1)
+
+
+def test_pull_killed_midway_resumes_on_the_rerun(store_url, tmp_path):
+    from pipeline.storage.location import open_storage
+    from pipeline.storage.publish import publish_variant
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"shard-{i}.bin").write_bytes(os.urandom(200_000))
+    publish_variant(open_storage(store_url), model="m", variant="big", build_key="c" * 64, files_from=src,
+                    manifest=_manifest(), link=False)
+    dest, marker = tmp_path / "dest", tmp_path / "hanging"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.test_storage import _pull_and_hang;"
+              "_pull_and_hang(*sys.argv[2:])")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(REPO), store_url, str(dest), str(marker)], cwd=REPO,
+                            env=dict(os.environ), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    partial = next(tmp_path.glob(".dest.partial-*"))
+    complete = [p.name for p in partial.iterdir() if p.name.startswith("shard-")]
+    assert len(complete) == 1 and not dest.exists()  # one whole file, the cut one under a temporary name
+    again = _cli("pull", "m/big", str(dest), "--storage", store_url, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["status"] == "pulled"
+    assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "shard-0.bin", "shard-1.bin", "shard-2.bin"]
+    assert all((dest / n).read_bytes() == (src / n).read_bytes() for n in ("shard-0.bin", "shard-1.bin", "shard-2.bin"))
+    assert _cli("verify", str(dest)).returncode == 0 and not list(tmp_path.glob(".dest.partial-*"))
+
+
 def test_pull_resumes_an_interrupted_download(tmp_path):
     url = str(tmp_path / "store")
     version = _publish(url, tmp_path, "v", "a")["version"]
@@ -158,13 +242,17 @@ def test_pull_resumes_an_interrupted_download(tmp_path):
     assert (tmp_path / "dest" / "model.safetensors").read_bytes() == b"w" * 4096 and not partial.exists()
 
 
-def test_manifest_that_does_not_match_its_index_entry(tmp_path):
-    url = str(tmp_path / "store")
-    out = _publish(url, tmp_path, "v", "a")
-    manifest = Path(out["path"]) / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"ppl": 30.0', '"ppl": 1.0'))
-    bad = _cli("pull", "m/v", str(tmp_path / "dest"), "--storage", url)
-    assert bad.returncode == 5 and "does not match its registry entry" in bad.stderr
+def test_manifest_that_does_not_match_its_index_entry(store_url, tmp_path):
+    from pipeline.storage.location import open_storage
+
+    version = _publish(store_url, tmp_path, "v", "a")["version"]
+    store, rel = open_storage(store_url), f"m/v/{version}/manifest.json"
+    if store.local_path(rel) is not None:
+        os.chmod(store.local_path(rel), 0o644)  # published files are read-only
+    store.write_bytes(rel, store.read_bytes(rel).replace(b'"ppl": 30.0', b'"ppl": 1.0'))
+    bad = _cli("pull", "m/v", str(tmp_path / "dest"), "--storage", store_url)
+    assert bad.returncode == 5 and "does not match its registry entry" in _one_line(bad.stderr)
+    assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".dest.partial-*"))
 
 
 def test_channel_pointing_at_a_deleted_version(store_url, tmp_path):
@@ -176,7 +264,7 @@ def test_channel_pointing_at_a_deleted_version(store_url, tmp_path):
     assert _cli("promote", f"m/v@{version}", "--channel", "stable", "--storage", store_url).returncode == 0
     open_storage(store_url).delete_tree(f"m/v/{version}")
     bad = _cli("pull", "m/v@stable", str(tmp_path / "d"), "--storage", store_url)
-    assert bad.returncode == 2 and f"points at version {version}, which no longer exists" in bad.stderr
+    assert bad.returncode == 2 and f"points at version {version}, which no longer exists" in _one_line(bad.stderr)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -184,6 +272,10 @@ def test_channel_pointing_at_a_deleted_version(store_url, tmp_path):
     (("show", "m/..@x"), "invalid variant name '..'"),
     (("pull", "m/v/../../x", "/tmp/never"), "invalid variant name"),
     (("show", "m/nope"), "nothing published as m/nope"),
+    (("show", "m/nope"), "pick one of the variants of m: v"),
+    (("pull", "nope/v", "/tmp/never"), "pick one of the models: m"),
+    (("pull", "m/v@nope", "/tmp/never"), "channels: latest; versions: "),
+    (("select", "--model", "nope", "--engine", "vllm", "--gpu", "H100"), "pick one of the models: m"),
     (("list", "--storage", "gs://bucket/x"), "unknown storage scheme 'gs'"),
 ])
 def test_bad_references_and_schemes(args, message, tmp_path):
@@ -196,7 +288,10 @@ def test_bad_references_and_schemes(args, message, tmp_path):
 
 def test_missing_bucket_is_one_clear_line(s3_endpoint, cli, recipe_factory):
     code, _out, err = cli("run", recipe_factory(), "--storage", "s3://no-such-bucket/x")
-    assert code == 2 and "bucket 'no-such-bucket' does not exist" in err and "aws s3 mb" in err
+    line = _one_line(err)
+    assert code == 2 and "bucket 'no-such-bucket' does not exist" in line and "aws s3 mb" in line
+    bad = _cli("list", "--storage", "s3://no-such-bucket/x")
+    assert bad.returncode == 2 and "bucket 'no-such-bucket' does not exist" in _one_line(bad.stderr)
 
 
 def _publish_big(url: str, tmp: str, files: int, size: int, hold: bool = False) -> None:
@@ -258,6 +353,33 @@ def test_publisher_killed_at_its_commit_point_leaves_nothing_visible(store_url, 
 
     assert set(gc(store, keep=1, grace_s=-1)) == {f"m/big/{n}" for n in leftovers}
     assert store.incomplete_versions("m/big") == [] and versions(store, "m", "big") == [version]
+
+
+def test_gc_aborts_unfinished_multipart_uploads_past_the_grace(s3_store, s3_endpoint, tmp_path):
+    """A publisher killed inside a multipart upload leaves parts that no object listing shows but S3
+    keeps (and bills); gc aborts them once older than the grace period, never a young one."""
+    import boto3
+
+    _publish(s3_store, tmp_path, "v", "a")
+    bucket, prefix = s3_store[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    old, young = (f"{prefix}/m/v/{stamp}-{'d' * 12}/model.safetensors"
+                  for stamp in ("20260101T000000Z", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())))
+    for key in (old, young):
+        upload = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * (5 << 20))
+
+    def pending() -> list[str]:
+        return sorted(u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+    seen = _cli("gc", "--keep", "1", "--dry-run", "--storage", s3_store)  # default grace: an hour
+    assert seen.returncode == 0 and seen.stdout.count("(unfinished upload)") == 1, seen.stdout
+    assert f"would delete {old.split('/', 1)[1]} (unfinished upload)" in seen.stdout and pending() == sorted([old, young])
+    done = _cli("gc", "--keep", "1", "--storage", s3_store)
+    assert done.returncode == 0 and done.stdout.count("(unfinished upload)") == 1 and pending() == [young]
+    assert _cli("gc", "--keep", "1", "--grace-minutes", "0", "--storage", s3_store).returncode == 0
+    assert pending() == []
+    assert [e["variant"] for e in json.loads(_cli("list", "--storage", s3_store, "--json").stdout)] == ["v"]
 
 
 def test_bad_credentials_are_one_clear_line(tmp_path):
@@ -354,6 +476,28 @@ def test_transient_errors_are_retried_then_reported(s3_store, s3_endpoint, tmp_p
     else:
         assert "StorageError" in done.stderr and "after 5 attempts" in done.stderr and "503" in done.stderr
         assert json.loads(_cli("list", "--storage", s3_store, "--json").stdout) == []
+
+
+@pytest.mark.parametrize("failures, ok", [(2, True), (1000, False)])
+def test_consumers_retry_transient_errors_then_report_one_line(s3_store, s3_endpoint, tmp_path, failures, ok):
+    """The reading side through the same flaky endpoint: pull goes through after 503s; a store that
+    keeps failing is one line from the CLI, and nothing is left in the destination."""
+    _publish(s3_store, tmp_path, "v", "a")
+    proxy = _FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]), failures)
+    try:
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        done = subprocess.run([sys.executable, "-m", "pipeline", "pull", "m/v", str(tmp_path / "dest"), "--storage",
+                               s3_store], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        proxy.close()
+    assert proxy.connections > min(failures, 5)
+    if ok:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (tmp_path / "dest" / "model.safetensors").read_bytes() == b"w" * 4096
+    else:
+        line = _one_line(done.stderr)
+        assert done.returncode == 2 and "after 5 attempts" in line and "503" in line, done.stderr
+        assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".dest.partial-*"))
 
 
 @pytest.mark.parametrize("env, message", [

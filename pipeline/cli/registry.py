@@ -200,11 +200,13 @@ def gc(
     storage: StoreOpt = "artifacts",
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; delete nothing.")] = False,
+    grace_minutes: Annotated[float, typer.Option(
+        help="Leave leftovers younger than this alone: a publisher may still be uploading them.")] = 60,
 ) -> None:
     """Delete old versions and leftovers of interrupted publishes."""
     from pipeline.storage.consume import gc as collect
 
-    gone = collect(_open(storage), keep=keep, model=model, dry_run=dry_run)
+    gone = collect(_open(storage), keep=keep, model=model, dry_run=dry_run, grace_s=grace_minutes * 60)
     for rel in gone:
         typer.echo(("would delete " if dry_run else "deleted ") + rel)
     typer.echo(f"{len(gone)} item(s) {'to delete' if dry_run else 'deleted'}")

@@ -85,6 +85,16 @@ class Storage(ABC):
     def incomplete_versions(self, rel: str) -> list[str]:
         """Leftovers of interrupted publishes under a variant folder (names to delete)."""
 
+    def unfinished_uploads(self, rel: str) -> list[tuple[str, str, float]]:
+        """Uploads under ``rel`` that were started and never completed, as ``(path, upload id,
+        start time)``: invisible leftovers of a killed publisher that still cost storage. A
+        filesystem has none (a killed copy leaves files, found by ``incomplete_versions``)."""
+        return []
+
+    def abort_upload(self, rel: str, upload_id: str) -> None:
+        """Discard an unfinished upload found by ``unfinished_uploads``."""
+        raise NotImplementedError
+
     def location(self, rel: str) -> str:
         """Where ``rel`` lives, as a user or a serving engine would spell it."""
         return f"{self.url.rstrip('/')}/{rel}"

@@ -67,6 +67,10 @@ def select(index: dict[str, Any], *, engine: str, gpu: str, max_gb: float | None
         raise StorageError(f"unknown GPU {gpu!r}", where="--gpu",
                            fix=f"use cpu or one of: {', '.join(GPU_COMPUTE_CAPABILITY)}")
     pool = latest_entries(index, model)
+    if model and not pool:
+        known = sorted({e["model"] for e in latest_entries(index)})
+        raise StorageError(f"nothing published for model {model!r}", where="--model",
+                           fix=f"pick one of the models: {', '.join(known) or 'none (publish one first)'}")
     why = [f"{len(pool)} variant(s) published" + (f" for {model}" if model else "")]
     steps = [
         ("passed their gate", lambda e: e.get("gate", {}).get("passed") is True),
@@ -180,7 +184,8 @@ def gc(storage: Storage, *, keep: int, model: str | None = None, grace_s: float 
        dry_run: bool = False) -> list[str]:
     """Delete all but the newest ``keep`` versions of every variant, never one a channel points
     at, plus leftovers of interrupted publishes older than ``grace_s`` (a younger one may still
-    be uploading). Returns what was (or would be) deleted."""
+    be uploading): manifest-less version folders, and on S3 unfinished multipart uploads.
+    Returns what was (or would be) deleted."""
     if keep < 1:
         raise StorageError("gc --keep must be at least 1", where="--keep", fix="keep at least the newest version")
     models = [check_name(model, "model")] if model else [
@@ -198,12 +203,24 @@ def gc(storage: Storage, *, keep: int, model: str | None = None, grace_s: float 
                 age = _age_s(leftover)
                 if age is not None and age > grace_s:
                     deleted.append(f"{m}/{variant}/{leftover}")
+    aborts = []
+    for m in models:
+        for path, upload_id, started in storage.unfinished_uploads(m):
+            # Aged like a leftover folder, by the version name in its path (the store's own
+            # clock); the start time the server reports is only the fallback.
+            age = _age_s(path)
+            if (age if age is not None else time.time() - started) > grace_s:
+                aborts.append((path, upload_id))
+                deleted.append(f"{path} (unfinished upload)")
     if dry_run:
         return deleted
+    for path, upload_id in aborts:
+        storage.abort_upload(path, upload_id)
     if gone:
         remove_entries(storage, gone)  # first: a reader never finds an indexed version missing
     for rel in deleted:
-        storage.delete_tree(rel)
+        if not rel.endswith(" (unfinished upload)"):  # those were aborted above
+            storage.delete_tree(rel)
     return deleted
 
 

@@ -227,6 +227,34 @@ class S3Storage(Storage):
             if keys:
                 self.fs.rm(keys)
 
+    def unfinished_uploads(self, rel: str) -> list[tuple[str, str, float]]:
+        """Multipart uploads a SIGKILLed publisher left open: S3 keeps (and bills) their parts
+        until they are aborted, and no listing of objects shows them."""
+        from fsspec.asyn import sync
+
+        prefix = self._key(rel).rstrip("/") + "/" if self._key(rel) else ""
+        base = self.prefix.rstrip("/") + "/" if self.prefix else ""
+
+        async def pending() -> list[dict[str, Any]]:
+            out, marker = [], {}
+            while True:
+                page = await self.fs._call_s3("list_multipart_uploads", Bucket=self.bucket, Prefix=prefix, **marker)
+                out += page.get("Uploads", [])
+                if not page.get("IsTruncated"):
+                    return out
+                marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+        with self._errors("listing unfinished uploads"):
+            return [(u["Key"].removeprefix(base), u["UploadId"], u["Initiated"].timestamp())
+                    for u in sync(self.fs.loop, pending)]
+
+    def abort_upload(self, rel: str, upload_id: str) -> None:
+        from fsspec.asyn import sync
+
+        with self._errors("aborting an unfinished upload"):
+            sync(self.fs.loop, self.fs._call_s3, "abort_multipart_upload", Bucket=self.bucket, Key=self._key(rel),
+                 UploadId=upload_id)
+
     def incomplete_versions(self, rel: str) -> list[str]:
         out = []
         for name in self.list_dir(rel):
