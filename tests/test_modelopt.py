@@ -4,6 +4,7 @@ serving profiles, legacy engine stages (planned, never faked), and the bad input
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -167,6 +168,99 @@ def test_builder_without_tensorrt_llm_is_named(cli, dirs, tmp_path, tiny_model, 
     assert "TensorRT-LLM importable by" in line and "sm90" not in line.split("needs", 1)[1].split(";")[0]
 
 
+# A stand-in for TensorRT-LLM's Python on a GPU builder: the same module names and calls the build
+# script uses (``tensorrt_llm._tensorrt_engine.LLM``, ``llmapi.BuildConfig``, ``torch.cuda``), which
+# record what they were asked and write marked files instead of engines. It tests modelbuild's side
+# of the build (arguments, checks, the engine manifest, publishing), not TensorRT-LLM: the real
+# build needs an NVIDIA GPU and is never faked outside this test.
+STANDIN = {
+    "tensorrt/__init__.py": '__version__ = "10.0.0-standin"\n',
+    "tensorrt_llm/__init__.py": '__version__ = "1.0.0-standin"\n',
+    "tensorrt_llm/llmapi.py": "class BuildConfig:\n    def __init__(self, **kw):\n        self.kw = kw\n",
+    "tensorrt_llm/_tensorrt_engine.py": """\
+import json, pathlib
+class LLM:
+    def __init__(self, model, tensor_parallel_size, pipeline_parallel_size, build_config):
+        self.asked = {"model": model, "tp": tensor_parallel_size, "pp": pipeline_parallel_size, **build_config.kw}
+    def save(self, path):
+        out = pathlib.Path(path)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps({"standin": True, **self.asked}))
+        for rank in range(self.asked["tp"] * self.asked["pp"]):
+            (out / f"rank{rank}.engine").write_bytes(b"stand-in, not an engine")
+    def shutdown(self):
+        pass
+""",
+    "torch/__init__.py": """\
+import os
+class cuda:
+    get_device_capability = staticmethod(lambda i: tuple(map(int, os.environ["STANDIN_CC"].split("."))))
+    get_device_name = staticmethod(lambda i: "stand-in H100")
+""",
+}
+
+
+@pytest.fixture
+def standin_builder(tmp_path, monkeypatch):
+    from pipeline import hardware
+
+    root = tmp_path / "standin"
+    for rel, text in STANDIN.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    python = tmp_path / "trtllm-python"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={root} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("MODELBUILD_TRTLLM_PYTHON", str(python))
+    monkeypatch.setattr(hardware, "gpu_architectures", lambda: ("sm90",))
+    monkeypatch.setenv("STANDIN_CC", "9.0")
+    return python
+
+
+ENGINE_RECIPE = """\
+    - name: mo-fp8
+      backend: modelopt
+      qformat: fp8
+      engines:
+        - {gpu: H100, tp: 2, max_batch_size: 4, max_seq_len: 512, max_input_len: 256}
+    """
+
+
+def test_engine_built_on_a_builder_is_published_with_what_it_is_tied_to(cli, dirs, tmp_path, tiny_model, wikitext,
+                                                                       standin_builder):
+    code, _out, err = cli("run", modelopt_recipe(tmp_path, tiny_model, wikitext, ENGINE_RECIPE))
+    assert code == 0, err
+    store = dirs["storage"] / "tiny"
+    [engine_variant] = [p for p in store.iterdir() if p.name != "mo-fp8"]
+    assert engine_variant.name.startswith("mo-fp8-trtllm-sm90-tp2")
+    [version] = [p for p in engine_variant.iterdir() if p.name != "channels"]
+    manifest = json.loads((version / "manifest.json").read_text())
+    facts = manifest["engine"]
+    assert facts["sm"] == "sm90" and facts["gpu"] == "stand-in H100"
+    assert facts["tensorrt_llm"] == "1.0.0-standin" and facts["tensorrt"] == "10.0.0-standin"
+    assert (facts["tp"], facts["pp"]) == (2, 1) and facts["engine_files"] == ["rank0.engine", "rank1.engine"]
+    assert facts["limits"] == {"max_batch_size": 4, "max_input_len": 256, "max_seq_len": 512,
+                               "max_num_tokens": facts["limits"]["max_num_tokens"]}
+    assert facts["build_command"].startswith(str(standin_builder)) and "--tp 2" in facts["build_command"]
+    assert manifest["format"]["format"] == "tensorrt-llm-engine" and manifest["format"]["engines"] == ["trtllm-engine"]
+    assert "--tp_size 2" in manifest["format"]["serve"]["trtllm-engine"]
+    assert manifest["built_from"]["variant"] == "mo-fp8"
+    asked = json.loads((version / "config.json").read_text())  # what the build script passed TensorRT-LLM
+    assert asked["model"].endswith("/data") and (asked["tp"], asked["pp"], asked["max_batch_size"]) == (2, 1, 4)
+    assert (asked["max_input_len"], asked["max_seq_len"]) == (256, 512)
+    assert sorted(f["path"] for f in manifest["files"]) == ["config.json", "rank0.engine", "rank1.engine"]
+
+
+def test_engine_built_on_another_architecture_is_refused(cli, dirs, tmp_path, tiny_model, wikitext, standin_builder,
+                                                         monkeypatch):
+    """The builder's GPU turns out to be an sm89 (nvidia-smi and torch disagree, or a mixed machine):
+    an engine for the wrong architecture is never published."""
+    monkeypatch.setenv("STANDIN_CC", "8.9")
+    code, _out, err = cli("run", modelopt_recipe(tmp_path, tiny_model, wikitext, ENGINE_RECIPE))
+    assert code != 0 and "engine built on sm89 (stand-in H100), but the stage is for sm90" in err
+    assert [p.name for p in (dirs["storage"] / "tiny").iterdir()] == ["mo-fp8"]
+
+
 def test_compute_capabilities_from_nvidia_smi():
     from pipeline.hardware import missing, parse_compute_caps
 
@@ -189,6 +283,8 @@ BAD = {
                               "targets:\n  - {gpu: B200}\n", "plan", 2, "compute capability 8 to below 10"),
     "awq block does not divide": ("- name: x\n  backend: modelopt\n  qformat: int4_awq\n", "", "plan", 2,
                                   "AWQ block size 128 does not divide"),
+    "pp exceeds layers": ("- name: x\n  backend: modelopt\n  qformat: fp8\n", "targets:\n  - {gpu: H100, pp: 3}\n",
+                          "plan", 2, "pp 3 exceeds the model's 2 layers"),
     "engine tp does not divide heads": ("- name: x\n  backend: modelopt\n  qformat: fp8\n  engines: [{gpu: H100, tp: 3}]\n",
                                         "", "plan", 2, "engines.0.tp"),
     "engine gpu cannot run format": ("- name: x\n  backend: modelopt\n  qformat: nvfp4\n  engines: [{gpu: H100}]\n",
@@ -223,8 +319,40 @@ def test_architecture_modelopt_cannot_export(cli, dirs, tmp_path, wikitext):
     GPTNeoXForCausalLM(config).to(torch.bfloat16).save_pretrained(model)
     recipe = modelopt_recipe(tmp_path, model, wikitext, "- name: x\n  backend: modelopt\n  qformat: fp8\n", targets="")
     code, _out, err = cli("plan", recipe)
-    assert code == 2
-    assert "cannot export architecture GPTNeoXForCausalLM" in err and "variants.0.qformat" in err
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "cannot export architecture GPTNeoXForCausalLM" in lines[0] and "variants.0.qformat" in lines[0]
+
+
+def test_format_missing_from_the_installed_modelopt(cli, dirs, tmp_path, tiny_model, wikitext, monkeypatch):
+    """A ModelOpt older than the format (its preset config absent): refused at plan time, naming the
+    formats this ModelOpt has."""
+    import modelopt.torch.quantization as mtq
+
+    from pipeline.recipe.variants import MODELOPT_QFORMATS
+
+    monkeypatch.delattr(mtq, MODELOPT_QFORMATS["nvfp4"])
+    recipe = modelopt_recipe(tmp_path, tiny_model, wikitext, "- name: x\n  backend: modelopt\n  qformat: nvfp4\n",
+                             targets="targets:\n  - {gpu: B200}\n")
+    code, _out, err = cli("plan", recipe)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "qformat nvfp4" in lines[0] and "is not in the installed ModelOpt" in lines[0]
+    assert "choose one of fp8" in lines[0] and "nvfp4," not in lines[0]
+
+
+def test_tensor_parallel_must_split_or_replicate_kv_heads():
+    """Grouped-query attention: 24 heads over 8 KV heads splits 4 ways (2 KV heads each), and 8
+    ways; 3 ways divides the heads but neither splits nor replicates the KV heads."""
+    from types import SimpleNamespace
+
+    from pipeline.compat import check_parallelism
+
+    gqa = SimpleNamespace(num_attention_heads=24, num_key_value_heads=8, num_hidden_layers=28)
+    assert check_parallelism(4, 1, gqa) is None and check_parallelism(8, 1, gqa) is None
+    assert check_parallelism(3, 1, gqa) == "tp 3 neither divides the model's 8 KV heads nor is a multiple of them"
+    assert check_parallelism(24, 1, gqa) is None  # KV heads replicated 3 times
+    assert check_parallelism(1, 29, gqa) == "pp 29 exceeds the model's 28 layers"
 
 
 @pytest.mark.gpu
