@@ -13,10 +13,14 @@
      whole model and so cannot fit (expected: killed by the limit).
 3. Prints wall times, peak anonymous memory (sampled), the cgroup's peak and the ratio of the model-free quantize to the I/O floor
    (target <= 1.5x).
+4. On the CPU, also measures the arithmetic floor: the least per-channel FP8 arithmetic a
+   quantizer must do (row absmax, scale, divide, clamp, cast; torch, every core) over the same
+   weights, with reading excluded. When that alone exceeds 1.5x the I/O floor, the target cannot
+   be met on this machine by any quantizer written with torch's CPU kernels.
 
 Needs root for the cgroup (cgroup v1 memory controller at /sys/fs/cgroup/memory); without it the
 limit is not enforced and the script says so. Usage:
-    .venv/bin/python benchmarks/model_free_memory.py [--workdir DIR] [--limit-gb 3]
+    .venv/bin/python benchmarks/model_free_memory.py [--workdir DIR] [--limit-gb 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -204,8 +208,27 @@ from pathlib import Path
 from pipeline.backends.llmcompressor import LLMCompressorBackend
 from pipeline.recipe.variants import LLMCompressorVariant
 v = LLMCompressorVariant(name='fp8', backend='llmcompressor', scheme='FP8_DYNAMIC', entrypoint=sys.argv[3])
-LLMCompressorBackend().quantize(v, Path(sys.argv[1]), Path(sys.argv[2]), calibration=None, device='cpu')
+LLMCompressorBackend().quantize(v, Path(sys.argv[1]), Path(sys.argv[2]), calibration=None, device=sys.argv[4])
 import os; os.sync()
+"""
+
+ARITHMETIC = """
+import json, sys, time
+from pathlib import Path
+import torch
+from safetensors.torch import load_file
+spent = 0.0
+for shard in sorted(Path(sys.argv[1]).glob('*.safetensors')):
+    weights = load_file(str(shard))
+    for name, w in weights.items():
+        if w.dim() != 2 or 'embed_tokens' in name or 'lm_head' in name:
+            continue
+        start = time.perf_counter()
+        scale = w.abs().amax(dim=1, keepdim=True).float() / 448.0
+        (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        spent += time.perf_counter() - start
+    del weights
+print(json.dumps({'arithmetic_s': spent}))
 """
 
 
@@ -218,6 +241,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--limit-gb", type=float, default=3.0)
     ap.add_argument("--skip-oneshot", action="store_true", help="do not demonstrate the in-memory path failing")
+    ap.add_argument("--device", default="cpu", help="where model_free quantizes (cpu, cuda)")
     ap.add_argument("--make-checkpoint", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make_checkpoint:
@@ -237,7 +261,7 @@ def main() -> None:
         free_out = work / "out-model-free"
         shutil.rmtree(free_out, ignore_errors=True)
         drop_from_page_cache(src)
-        quant = run([sys.executable, "-c", QUANTIZE, str(src), str(free_out), "model_free"], cgroup)
+        quant = run([sys.executable, "-c", QUANTIZE, str(src), str(free_out), "model_free", args.device], cgroup)
         if quant["exit"] != 0:
             sys.exit(f"model-free quantize failed ({quant['exit']}):\n{quant['stderr']}")
         out_bytes = folder_bytes(free_out)
@@ -250,20 +274,24 @@ def main() -> None:
             one_out = work / "out-oneshot"
             shutil.rmtree(one_out, ignore_errors=True)
             drop_from_page_cache(src)
-            oneshot = run([sys.executable, "-c", QUANTIZE, str(src), str(one_out), "oneshot"], cgroup)
+            oneshot = run([sys.executable, "-c", QUANTIZE, str(src), str(one_out), "oneshot", args.device], cgroup)
             shutil.rmtree(one_out, ignore_errors=True)
     finally:
         cgroup.close()
+    arithmetic = None
+    if args.device == "cpu":  # outside the cgroup: it holds one whole shard at a time, untimed
+        done = subprocess.run([sys.executable, "-c", ARITHMETIC, str(src)], capture_output=True, text=True, check=True)
+        arithmetic = json.loads(done.stdout.strip().splitlines()[-1])["arithmetic_s"]
 
     print(f"checkpoint {total / 1e9:.2f} GB (bf16, {len(list(src.glob('*.safetensors')))} shards); "
           f"memory limit {args.limit_gb:g} GiB ({'enforced by a cgroup' if cgroup.enforced else 'NOT enforced'})")
     def row(label, r):
         cg = "-" if r["cgroup_mb"] is None else f"{r['cgroup_mb']:.0f}MB"
-        return f"{label:44}{r['wall_s']:>8.1f}s{r['anon_mb']:>10.0f}MB{cg:>12}"
+        return f"{label:52}{r['wall_s']:>8.1f}s{r['anon_mb']:>10.0f}MB{cg:>12}"
 
-    print(f"{'':44}{'wall':>9}{'peak anon':>12}{'cgroup peak':>12}")
+    print(f"{'':52}{'wall':>9}{'peak anon':>12}{'cgroup peak':>12}")
     print(row("I/O floor (read input + write output)", floor))
-    print(row("modelbuild FP8_DYNAMIC, entrypoint model_free", quant))
+    print(row(f"modelbuild FP8_DYNAMIC, entrypoint model_free ({args.device})", quant))
     if oneshot is not None:
         fate = "finished" if oneshot["exit"] == 0 else f"failed (exit {oneshot['exit']})"
         print(row("modelbuild FP8_DYNAMIC, entrypoint oneshot", oneshot) + f"  {fate}")
@@ -271,6 +299,10 @@ def main() -> None:
             last = [line for line in oneshot["stderr"].splitlines() if line.strip()][-1:] or ["(killed by the limit)"]
             print(f"  oneshot: {last[0][:160]}")
     print(f"output {out_bytes / 1e9:.2f} GB; model-free / I/O floor: {quant['wall_s'] / floor['wall_s']:.2f}x (target <= 1.5)")
+    if arithmetic is not None:
+        print(f"arithmetic floor on this CPU (minimal per-channel FP8 in torch, no I/O): {arithmetic:.1f}s = "
+              f"{arithmetic / floor['wall_s']:.2f}x the I/O floor; model-free / (I/O + arithmetic floors): "
+              f"{quant['wall_s'] / (floor['wall_s'] + arithmetic):.2f}x")
     print(f"workdir: {work}")
 
 
