@@ -261,3 +261,10 @@ def store_url(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "store")
     return request.getfixturevalue("s3_store")
+
+
+def one_line(err: str) -> str:
+    """The CLI's error output, asserted to be exactly one (non-blank) line; returns it."""
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_once, write_recipe
+from tests.conftest import one_line, run_once, write_recipe
 
 # name -> (variant options, expected quant_algo, engines that load it, targets given a profile)
 VARIANTS = {
@@ -319,9 +319,8 @@ def test_architecture_modelopt_cannot_export(cli, dirs, tmp_path, wikitext):
     GPTNeoXForCausalLM(config).to(torch.bfloat16).save_pretrained(model)
     recipe = modelopt_recipe(tmp_path, model, wikitext, "- name: x\n  backend: modelopt\n  qformat: fp8\n", targets="")
     code, _out, err = cli("plan", recipe)
-    lines = [x for x in err.strip().splitlines() if x.strip()]
-    assert code == 2 and len(lines) == 1, err
-    assert "cannot export architecture GPTNeoXForCausalLM" in lines[0] and "variants.0.qformat" in lines[0]
+    line = one_line(err)
+    assert code == 2 and "cannot export architecture GPTNeoXForCausalLM" in line and "variants.0.qformat" in line
 
 
 def test_format_missing_from_the_installed_modelopt(cli, dirs, tmp_path, tiny_model, wikitext, monkeypatch):
@@ -335,10 +334,9 @@ def test_format_missing_from_the_installed_modelopt(cli, dirs, tmp_path, tiny_mo
     recipe = modelopt_recipe(tmp_path, tiny_model, wikitext, "- name: x\n  backend: modelopt\n  qformat: nvfp4\n",
                              targets="targets:\n  - {gpu: B200}\n")
     code, _out, err = cli("plan", recipe)
-    lines = [x for x in err.strip().splitlines() if x.strip()]
-    assert code == 2 and len(lines) == 1, err
-    assert "qformat nvfp4" in lines[0] and "is not in the installed ModelOpt" in lines[0]
-    assert "choose one of fp8" in lines[0] and "nvfp4," not in lines[0]
+    line = one_line(err)
+    assert code == 2 and "qformat nvfp4" in line and "is not in the installed ModelOpt" in line
+    assert "choose one of fp8" in line and "nvfp4," not in line
 
 
 def test_tensor_parallel_must_split_or_replicate_kv_heads():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, one_line
 
 
 def _variant_dir(tmp_path: Path, name: str, payload: bytes = b"w" * 4096) -> Path:
@@ -170,13 +170,6 @@ def test_pull_refuses_a_damaged_file_and_keeps_nothing(tmp_path):
     assert not dest.exists() and not list(tmp_path.glob(".dest.partial-*"))
 
 
-def _one_line(err: str) -> str:
-    """The CLI's error, asserted to be exactly one line."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def _pull_and_hang(url: str, dest: str, marker: str) -> None:
     """A pull that downloads its first file whole, then hangs inside the second download until it
     is killed (deterministic, instead of racing a timer against the transfer)."""
@@ -251,7 +244,7 @@ def test_manifest_that_does_not_match_its_index_entry(store_url, tmp_path):
         os.chmod(store.local_path(rel), 0o644)  # published files are read-only
     store.write_bytes(rel, store.read_bytes(rel).replace(b'"ppl": 30.0', b'"ppl": 1.0'))
     bad = _cli("pull", "m/v", str(tmp_path / "dest"), "--storage", store_url)
-    assert bad.returncode == 5 and "does not match its registry entry" in _one_line(bad.stderr)
+    assert bad.returncode == 5 and "does not match its registry entry" in one_line(bad.stderr)
     assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".dest.partial-*"))
 
 
@@ -264,7 +257,7 @@ def test_channel_pointing_at_a_deleted_version(store_url, tmp_path):
     assert _cli("promote", f"m/v@{version}", "--channel", "stable", "--storage", store_url).returncode == 0
     open_storage(store_url).delete_tree(f"m/v/{version}")
     bad = _cli("pull", "m/v@stable", str(tmp_path / "d"), "--storage", store_url)
-    assert bad.returncode == 2 and f"points at version {version}, which no longer exists" in _one_line(bad.stderr)
+    assert bad.returncode == 2 and f"points at version {version}, which no longer exists" in one_line(bad.stderr)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -288,10 +281,10 @@ def test_bad_references_and_schemes(args, message, tmp_path):
 
 def test_missing_bucket_is_one_clear_line(s3_endpoint, cli, recipe_factory):
     code, _out, err = cli("run", recipe_factory(), "--storage", "s3://no-such-bucket/x")
-    line = _one_line(err)
+    line = one_line(err)
     assert code == 2 and "bucket 'no-such-bucket' does not exist" in line and "aws s3 mb" in line
     bad = _cli("list", "--storage", "s3://no-such-bucket/x")
-    assert bad.returncode == 2 and "bucket 'no-such-bucket' does not exist" in _one_line(bad.stderr)
+    assert bad.returncode == 2 and "bucket 'no-such-bucket' does not exist" in one_line(bad.stderr)
 
 
 def _publish_big(url: str, tmp: str, files: int, size: int, hold: bool = False) -> None:
@@ -479,7 +472,7 @@ def test_transient_errors_are_retried_then_reported(s3_store, s3_endpoint, tmp_p
 
 
 @pytest.mark.parametrize("failures, ok", [(2, True), (1000, False)])
-def test_consumers_retry_transient_errors_then_report_one_line(s3_store, s3_endpoint, tmp_path, failures, ok):
+def test_consumers_retry_transient_errors_then_reportone_line(s3_store, s3_endpoint, tmp_path, failures, ok):
     """The reading side through the same flaky endpoint: pull goes through after 503s; a store that
     keeps failing is one line from the CLI, and nothing is left in the destination."""
     _publish(s3_store, tmp_path, "v", "a")
@@ -495,7 +488,7 @@ def test_consumers_retry_transient_errors_then_report_one_line(s3_store, s3_endp
         assert done.returncode == 0, done.stderr[-2000:]
         assert (tmp_path / "dest" / "model.safetensors").read_bytes() == b"w" * 4096
     else:
-        line = _one_line(done.stderr)
+        line = one_line(done.stderr)
         assert done.returncode == 2 and "after 5 attempts" in line and "503" in line, done.stderr
         assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".dest.partial-*"))
 

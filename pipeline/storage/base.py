@@ -92,8 +92,9 @@ class Storage(ABC):
         return []
 
     def abort_upload(self, rel: str, upload_id: str) -> None:
-        """Discard an unfinished upload found by ``unfinished_uploads``."""
-        raise NotImplementedError
+        """Discard an unfinished upload found by ``unfinished_uploads``. Only a store that reports
+        some (S3) is ever asked; one that reports none has nothing to abort."""
+        raise NotImplementedError(f"{type(self).__name__} reports no unfinished uploads to abort")
 
     def location(self, rel: str) -> str:
         """Where ``rel`` lives, as a user or a serving engine would spell it."""

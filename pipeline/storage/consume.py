@@ -211,17 +211,16 @@ def gc(storage: Storage, *, keep: int, model: str | None = None, grace_s: float 
             age = _age_s(path)
             if (age if age is not None else time.time() - started) > grace_s:
                 aborts.append((path, upload_id))
-                deleted.append(f"{path} (unfinished upload)")
+    listed = deleted + [f"{path} (unfinished upload)" for path, _id in aborts]
     if dry_run:
-        return deleted
+        return listed
     for path, upload_id in aborts:
         storage.abort_upload(path, upload_id)
     if gone:
         remove_entries(storage, gone)  # first: a reader never finds an indexed version missing
     for rel in deleted:
-        if not rel.endswith(" (unfinished upload)"):  # those were aborted above
-            storage.delete_tree(rel)
-    return deleted
+        storage.delete_tree(rel)
+    return listed
 
 
 def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
