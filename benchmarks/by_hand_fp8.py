@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TEST = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+TEST = REPO / "evals" / "data" / "wikitext-2" / "test.txt"
 
 
 def main() -> None:

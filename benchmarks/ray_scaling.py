@@ -26,7 +26,7 @@ from _common import REPO, measure
 
 RAY = str(Path(sys.executable).parent / "ray")
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+WIKITEXT = REPO / "evals" / "data" / "wikitext-2"
 VARIANTS = [("fp8", "FP8_DYNAMIC", None), ("w8a16-g32", "W8A16", 32), ("w8a16-g64", "W8A16", 64),
             ("w4a16-g32", "W4A16", 32), ("w4a16-g64", "W4A16", 64), ("w4a16-g128", "W4A16", 128),
             ("nvfp4a16", "NVFP4A16", None), ("mxfp4a16", "MXFP4A16", None)]

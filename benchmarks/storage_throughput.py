@@ -2,16 +2,16 @@
 
 Side by side in one run, alternating which goes first:
 
-- filesystem: ``modelbuild`` publish (copies, not links: ``hardlink: false``) vs ``cp -r`` of the
+- filesystem: ``modelbuild`` publish (a copy, hashed as it is written) vs ``cp -r`` of the
   same folder into the same store; ``modelbuild pull`` vs ``cp -r`` out of the store.
 - S3: a moto S3 server on loopback; publish vs ``aws s3 cp --recursive`` up, pull vs
   ``aws s3 cp --recursive`` down. The AWS CLI goes into its own virtual environment (it pins
   botocore exactly) under ``--work``.
 
-modelbuild publishes from a stage-cache entry, as its publish stage does: the entry's own file
-records (sha256, size) go into the manifest, so the copy is not hashed again. It does more than
-the copy on the way back: every pulled file's sha256 is checked before the folder is moved into
-place. Ratios are tool time / modelbuild time (≥ 1: modelbuild is as fast); target ≥ 0.9.
+modelbuild publishes from a stage-cache entry, as its publish stage does, and does more than the
+copy both ways: every published file is hashed as it is written (the manifest records the bytes
+written, checked against the cache entry's record; on S3 each file is hashed before its upload),
+and every pulled file's sha256 is checked before the folder is moved into place. Ratios are tool time / modelbuild time (≥ 1: modelbuild is as fast); target ≥ 0.9.
 
     python benchmarks/storage_throughput.py --gb 2 --work /tmp/storage-bench
 """
@@ -77,7 +77,7 @@ def _publish(url: str, entry, key: str) -> None:
     from pipeline.storage.publish import publish_variant
 
     publish_variant(open_storage(url), model="bench", variant="v", build_key=key * 64, files_from=entry.data,
-                    manifest=_manifest(), link=False, known=entry.record["files"])
+                    manifest=_manifest(), expected=entry.record["files"])
 
 
 def _pull(url: str, dest: Path) -> None:

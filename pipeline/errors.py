@@ -22,6 +22,25 @@ family to its exit code (``exit_code``) and prints a traceback only when MODELBU
 
 from __future__ import annotations
 
+import os
+import re
+
+# user:password@ in any URL, and the values of secret-looking environment variables.
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@:]*(?::[^/\s@]*)?@")
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|(^|_)KEY($|_)|AUTH", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials removed: ``scheme://user:pw@host`` becomes ``scheme://***@host``
+    and the value of every environment variable named like a secret (``HF_TOKEN``,
+    ``AWS_SECRET_ACCESS_KEY``, ...; values of 8 characters or more) becomes ``***``. Applied to
+    every message modelbuild prints and every report it writes."""
+    text = _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", text)
+    for name, value in os.environ.items():
+        if len(value) >= 8 and _SECRET_NAME.search(name) and value in text:
+            text = text.replace(value, "***")
+    return text
+
 
 class ModelbuildError(Exception):
     """Root of every error modelbuild raises on purpose.
@@ -44,8 +63,8 @@ class ModelbuildError(Exception):
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.fix:
             text = f"{text} ({self.fix})"
-        # One line, always: multi-line library messages are folded.
-        return " ".join(text.split())
+        # One line, always: multi-line library messages are folded; never a credential.
+        return redact(" ".join(text.split()))
 
 
 class InputError(ModelbuildError):

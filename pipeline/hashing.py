@@ -38,6 +38,25 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def copy_hashed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> tuple[int, str]:
+    """Copy ``src`` to a new file ``dst`` and return ``(size, sha256)`` of the bytes written.
+
+    One pass: each chunk is hashed as it is written, so the digest describes what ``dst`` got,
+    not what ``src`` held before or after (a publish records exactly what it published).
+    """
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        while n := fin.readinto(buf):
+            chunk = view[:n]
+            h.update(chunk)
+            fout.write(chunk)
+            size += n
+    return size, h.hexdigest()
+
+
 def list_tree(root: Path) -> list[Path]:
     """Regular files under ``root`` (following no symlinked dirs), as sorted relative paths."""
     out = []

@@ -10,6 +10,7 @@ upgraded, the data or the recipe changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -38,14 +39,41 @@ def current(prepared) -> dict[str, Any]:
     }
 
 
+# What each section of a lock holds; a file with anything else was not written by `lock`.
+_SECTIONS = {"lock_version": int, "recipe_sha256": str, "source": dict, "data": dict, "tools": dict}
+
+
 def read(path: Path) -> dict[str, Any] | None:
+    """The lock at ``path``; None only when there is no such file.
+
+    Raises:
+        LockMismatch: the file exists but is unreadable, not JSON, or not a lock (``null``, a list,
+            a section of the wrong type): a broken lock is never mistaken for a missing one.
+    """
+    fix = "regenerate it: modelbuild lock RECIPE"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        lock = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except ValueError:
-        raise LockMismatch(f"lock file {path} is not valid JSON", where=str(path),
-                           fix="regenerate it: modelbuild lock RECIPE") from None
+    except OSError as e:
+        raise LockMismatch(f"cannot read lock file {path.name}: {e.strerror or e}", where=str(path), fix=fix) from None
+    except (ValueError, RecursionError):
+        raise LockMismatch(f"lock file {path.name} is not valid JSON", where=str(path), fix=fix) from None
+    if not isinstance(lock, dict):
+        raise LockMismatch(f"lock file {path.name} is malformed: a JSON object expected, found {_kind(lock)}",
+                           where=str(path), fix=fix)
+    for key, kind in _SECTIONS.items():
+        # A missing section is a difference `--locked` names (older locks lack some); a section of
+        # the wrong type is damage. bool is an int to Python; a lock never holds one there.
+        if key in lock and (not isinstance(lock[key], kind) or isinstance(lock[key], bool)):
+            raise LockMismatch(f"lock file {path.name} is malformed: {key!r} is {_kind(lock[key])}, "
+                               f"{_kind(kind())} expected", where=str(path), fix=fix)
+    return lock
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def differences(locked: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -103,6 +131,12 @@ def write(prepared, *, acknowledge_releases: bool = False) -> tuple[Path, bool]:
         return path, False
     lock["resolved_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write lock file {path.name}: {e.strerror or e}", where=str(path),
+                         fix="make the recipe's folder writable (the lock file lives beside the recipe)") from None
     return path, True

@@ -29,7 +29,14 @@ def storage_root(loaded: LoadedRecipe, override: str | os.PathLike[str] | None) 
     """``--storage``, else the recipe's ``publish.root``, else ``./artifacts`` (a folder or a URL)."""
     if override is not None:
         override = str(override)
-        return override if "://" in override else str(Path(override).expanduser().resolve())
+        if "://" in override:
+            return override
+        try:
+            return str(Path(override).expanduser().resolve())
+        except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError on Python 3.11)
+            from pipeline.errors import StorageError
+
+            raise StorageError(f"cannot resolve the storage root: {e}", where="--storage", fix="check the path") from None
     if loaded.recipe.publish.root is not None:
         return loaded.recipe.publish.root
     return str((Path.cwd() / "artifacts").resolve())
@@ -64,6 +71,10 @@ def run(prepared: Prepared, *, device: str, reporter: Reporter, locked: bool = F
 
     ``executor``: ``local`` (this machine) or ``ray`` (the cluster at ``address``; ``local``
     starts a one-machine Ray)."""
+    if executor != "ray":  # on Ray, --device cuda asks for the cluster's GPUs, not this machine's
+        from pipeline.hardware import check_device
+
+        device = check_device(device)
     if locked:
         lockfile.check(prepared)
     open_storage(prepared.storage, s3=prepared.loaded.recipe.publish.s3.model_dump(exclude_none=True)).check_writable()

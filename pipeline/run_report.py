@@ -17,6 +17,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import InputError, redact
+
 SUMMARY_FORMAT = 1
 
 
@@ -33,6 +35,8 @@ def variant_rows(recipe, report) -> list[dict[str, Any]]:
         if gate is not None and gate.status != "needs" and "passed" in gate.result:
             row["status"] = "passed" if gate.result["passed"] else "failed"
             row["gate_failures"] = failure_lines(variant.name, gate.result)
+            if gate.result["passed"] and publish is None:  # the run stopped between its gate and its publish
+                row["status"] = "error"
         elif any(o is not None and o.status == "needs" for o in (quant, evaluation, gate)):
             row["status"] = "not built"
         else:
@@ -69,7 +73,6 @@ def write(folder: Path, *, recipe_name: str, recipe_path: str, storage: str, row
           placements: dict[str, dict] | None = None) -> dict[str, Path]:
     """Write the three files into ``folder``; returns their paths. ``placements``: where each
     stage ran (the Ray executor's node, host, pid, start and end)."""
-    folder.mkdir(parents=True, exist_ok=True)
     summary = {
         "format": SUMMARY_FORMAT,
         "recipe": {"name": recipe_name, "path": recipe_path},
@@ -84,14 +87,22 @@ def write(folder: Path, *, recipe_name: str, recipe_path: str, storage: str, row
     if placements is not None:
         summary["placements"] = placements
     paths = {"json": folder / "summary.json", "junit": folder / "junit.xml", "markdown": folder / "summary.md"}
-    _atomic(paths["json"], json.dumps(summary, indent=2, default=str) + "\n")
-    _atomic(paths["junit"], junit(recipe_name, rows, error, seconds))
     markdown = _markdown(summary)
-    _atomic(paths["markdown"], markdown)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic(paths["json"], json.dumps(summary, indent=2, default=str) + "\n")
+        _atomic(paths["junit"], junit(recipe_name, rows, error, seconds))
+        _atomic(paths["markdown"], markdown)
+    except OSError as e:
+        raise InputError(f"cannot write the run's reports: {e.strerror or e}", where=str(folder),
+                         fix="give a writable --report-dir (or MODELBUILD_REPORTS)") from None
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary:
-        with open(step_summary, "a", encoding="utf-8") as f:
-            f.write(markdown + "\n")
+        try:
+            with open(step_summary, "a", encoding="utf-8") as f:
+                f.write(markdown + "\n")
+        except OSError as e:
+            raise InputError(f"cannot append to GITHUB_STEP_SUMMARY: {e.strerror or e}", where=step_summary) from None
     return paths
 
 
@@ -149,6 +160,11 @@ def _markdown(summary: dict[str, Any]) -> str:
 
 
 def _atomic(path: Path, text: str) -> None:
+    text = redact(text)  # a report never carries a credential (an endpoint URL, a token)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # never a half-written report left beside the real one
+        raise

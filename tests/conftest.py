@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+WIKITEXT = REPO / "evals" / "data" / "wikitext-2"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
     if not (WIKITEXT / "test.txt").is_file():
-        pytest.fail(f"wikitext-2 not found at {WIKITEXT} (the shared data folder beside the repo)")
+        pytest.fail(f"wikitext-2 not found at {WIKITEXT} (the data folder shipped in the repository)")
     return WIKITEXT
 
 

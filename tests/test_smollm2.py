@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, WIKITEXT
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +22,12 @@ DEMO = REPO / "recipes" / "smollm2-135m-instruct.yaml"
 
 
 def _modelbuild(*args: str, dirs: dict[str, Path]) -> subprocess.CompletedProcess:
+    # As in a CI log: stderr is a pipe. Heartbeats every 10 s, so "at least every 30 s" holds with
+    # room for a heartbeat thread woken late on a busy machine.
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args, "--cache-dir", str(dirs["cache"]), "--storage", str(dirs["storage"])],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "MODELBUILD_PROGRESS_INTERVAL": "10"},
     )
 
 
@@ -36,6 +40,26 @@ def demo(tmp_path_factory):
     yield {"dirs": dirs, "first": first}
     # About 4 GB of cache and store: give the disk back to the modules that run after this one.
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_seconds(line: str) -> int | None:
+    """The run's elapsed time a progress line carries (``(run 4m02s, ETA …)``)."""
+    m = re.search(r"\(run (?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?[,)]", line)
+    if not m or not any(m.groups()):
+        return None
+    h, mi, sec = (int(g or 0) for g in m.groups())
+    return h * 3600 + mi * 60 + sec
+
+
+def test_demo_log_shows_progress_with_eta_at_least_every_30s_and_gptq_layers(demo):
+    lines = demo["first"].stderr.splitlines()
+    stamps = [t for t in map(_run_seconds, lines) if t is not None]
+    assert len(stamps) > 100 and all("ETA" in line for line in lines if _run_seconds(line) is not None)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert max(gaps) <= 30, max(gaps)
+    # Inside a GPTQ quantization: layer k/L of SmolLM2's 30 decoder layers, as the library goes.
+    assert any(re.search(r"layers:? \d+/30", line) for line in lines)
+    assert not any("it/s]" in line for line in lines)  # library bars are folded, not interleaved
 
 
 def _version(demo, variant: str) -> Path:
@@ -153,7 +177,7 @@ def test_published_variants_load_back_with_transformers(demo, name):
     folder = _version(demo, name)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    text = (REPO.parent / "shared/data/wikitext-2/test.txt").read_text()[:2000]
+    text = (WIKITEXT / "test.txt").read_text()[:2000]
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :128]
     with torch.no_grad():
         served = model(ids).logits.float()

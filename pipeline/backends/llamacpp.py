@@ -30,8 +30,9 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from pipeline import progress
 from pipeline.backends.base import Backend, FormatInfo
 from pipeline.errors import RecipeError, StageError, ToolError
 from pipeline.recipe.variants import GGUF_TYPES
@@ -277,7 +278,8 @@ def convert(checkpoint: Path, out_file: Path, outtype: str, metadata: dict[str, 
         override.write_text(json.dumps(metadata))
         _run([sys.executable, str(chain.converter), str(work), "--outfile", str(out_file), "--outtype", outtype,
               "--metadata", str(override)],
-             env=chain.converter_env(), what="llama.cpp's converter", explain=_converter_failure)
+             env=chain.converter_env(), what="llama.cpp's converter", explain=_converter_failure,
+             on_line=progress.tool_bars())  # its "Writing" bar (bytes written) as the run's detail
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -320,7 +322,18 @@ def quantize(source: Path, out_file: Path, variant, *, imatrix_file: Path | None
     if variant.token_embedding_type:
         cmd += ["--token-embedding-type", variant.token_embedding_type]
     cmd += [str(source.resolve()), str(out_file.resolve()), variant.type, str(threads)]
-    _run(cmd, what="llama-quantize", cwd=imatrix_file.parent if imatrix_file is not None else None)
+    # llama-quantize prints "[  k/ N] <tensor> ..." as it writes each tensor: the step's progress.
+    with progress.steps("tensors", len(tensor_types(source))) as advance:
+        written = 0
+
+        def on_line(line: str) -> None:
+            nonlocal written
+            m = re.match(r"\[\s*(\d+)/\s*\d+\]", line)
+            if m and int(m[1]) > written:
+                advance(int(m[1]) - written)
+                written = int(m[1])
+
+        _run(cmd, what="llama-quantize", cwd=imatrix_file.parent if imatrix_file is not None else None, on_line=on_line)
 
 
 def split(path: Path, max_size: str) -> list[Path]:
@@ -358,9 +371,14 @@ def bench(path: Path, *, threads: int, prompt_tokens: int, gen_tokens: int, repe
     return out
 
 
-def _run(cmd: list[str], *, what: str, env: dict | None = None, explain=None, cwd: Path | None = None
-         ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
+def _run(cmd: list[str], *, what: str, env: dict | None = None, explain=None, cwd: Path | None = None,
+         on_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
+    """Run a tool, its output captured; ``on_line`` sees each line (stdout's and stderr's, a
+    progress bar's ``\r`` frames included) as it comes, for the run's progress."""
+    if on_line is None:
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
+    else:
+        proc = _streamed(cmd, env=env, cwd=cwd, on_line=on_line)
     if proc.returncode != 0:
         output = f"{proc.stdout}\n{proc.stderr}"
         reason = explain(output) if explain is not None else None
@@ -371,3 +389,37 @@ def _run(cmd: list[str], *, what: str, env: dict | None = None, explain=None, cw
         errors = [ln for ln in lines if re.search(r"error|Error|failed|cannot|unable", ln)]
         raise StageError(f"{what} failed (exit {proc.returncode}): {' | '.join((errors or lines)[-2:])}")
     return proc
+
+
+def _streamed(cmd: list[str], *, env: dict | None, cwd: Path | None, on_line: Callable[[str], None]
+              ) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with both pipes read line by line as the tool writes them (one thread
+    per pipe, so neither fills up and blocks the tool)."""
+    import threading
+
+    # Text mode's universal newlines make each "\r" redraw of a bar a line of its own.
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    captured: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def drain(name: str, pipe) -> None:
+        report = True
+        for line in pipe:
+            captured[name].append(line)
+            if report:
+                try:
+                    on_line(line.rstrip("\n"))
+                except Exception:  # noqa: BLE001 - a progress fault must not stop the draining (the tool would block)
+                    report = False
+
+    readers = [threading.Thread(target=drain, args=(name, getattr(proc, name)), daemon=True) for name in captured]
+    for reader in readers:
+        reader.start()
+    try:
+        for reader in readers:
+            reader.join()
+        returncode = proc.wait()
+    except BaseException:  # Ctrl-C: the tool goes too, nothing half-run keeps writing
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, returncode, "".join(captured["stdout"]), "".join(captured["stderr"]))

@@ -145,7 +145,8 @@ class LLMCompressorBackend(Backend):
                 "shuffle_calibration_samples": False,  # the samples are already seeded picks
             }
         try:
-            with _quiet_library_logs(), _threads_for(variant, device), _no_pinning_without_accelerator():
+            with _quiet_library_logs(), _threads_for(variant, device), _no_pinning_without_accelerator(), \
+                    _layer_progress(model, calibrated=calibration is not None):
                 oneshot(model=model, recipe=_modifiers(variant), **kwargs)
         except (ValueError, RuntimeError, AssertionError) as e:
             raise StageError(f"llm-compressor failed on {variant.scheme}/{variant.algorithm}: {e}") from e
@@ -298,6 +299,48 @@ def _no_pinning_without_accelerator():
         yield
     finally:
         IntermediatesCache.pin_memory = original
+
+
+@contextlib.contextmanager
+def _layer_progress(model, *, calibrated: bool):
+    """Layer k/L of llm-compressor's sequential pipeline as a step of the run's progress.
+
+    The pipeline works one decoder layer (its sequential target) at a time: every calibration
+    batch through layer k, the layer's compression (GPTQ, AWQ's and SmoothQuant's scales), its
+    outputs propagated, and only then layer k+1 sees an input. So the first forward of layer k+1
+    says k layers are finished, and oneshot's return says all are. Plain torch forward pre-hooks
+    observe that (the traced subgraphs call the layers as modules) and change nothing; the
+    layers are found the way the pipeline finds them. Data-free schemes run no forward pass: no
+    layer step for them.
+    """
+    if not calibrated:
+        yield
+        return
+    from llmcompressor.utils.pytorch.module import infer_sequential_targets
+
+    from pipeline import progress
+
+    targets = infer_sequential_targets(model)
+    layers = [m for m in model.modules() if type(m).__name__ in targets]
+    if not layers:
+        yield
+        return
+    with progress.steps("layers", len(layers)) as advance:
+        finished = 0
+
+        def started(index: int) -> None:
+            nonlocal finished
+            if index > finished:
+                advance(index - finished)
+                finished = index
+
+        handles = [layer.register_forward_pre_hook(lambda _m, _a, i=i: started(i)) for i, layer in enumerate(layers)]
+        try:
+            yield
+            started(len(layers))
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _default(name: str):

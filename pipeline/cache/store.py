@@ -9,8 +9,12 @@ Layout::
 An entry is built in ``tmp/`` and becomes visible by one ``rename``: a process killed mid-stage
 (SIGKILL included) leaves only a temp folder, never a half-written entry, and the next run
 removes temp folders whose writer is gone. On a hit the entry's files are checked against
-``entry.json`` (existence and size; ``deep=True`` re-hashes); a damaged entry is deleted with a
-warning and the stage runs again instead of being trusted.
+``entry.json``: existence and size, and a file whose mtime differs from the one recorded is
+re-hashed (``deep=True`` re-hashes all); a damaged entry is deleted with a warning and the stage
+runs again instead of being trusted. Publishing copies entries' files, so no write through a
+store reaches the cache (a Hub fetch links the Hub cache's blobs, which huggingface_hub never
+rewrites; stores published by older modelbuild versions may still hold links: the mtime check
+catches a write through them).
 """
 
 from __future__ import annotations
@@ -88,18 +92,28 @@ class CacheStore:
             record = json.loads((folder / "entry.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise CacheEntryCorrupt(f"unreadable entry.json: {e.__class__.__name__}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("files"), list):
+            raise CacheEntryCorrupt("entry.json is not a cache record")
         if record.get("key") != key or record.get("format") != ENTRY_FORMAT:
             raise CacheEntryCorrupt("entry.json does not belong to this key")
         data = folder / "data"
+        fingerprints = record.get("fingerprints") or {}
+        # Entries written before fingerprints were recorded: no file of theirs was written
+        # after entry.json, unless something changed it since.
+        written = (folder / "entry.json").stat().st_mtime_ns
         for f in record["files"]:
             path = data / f["path"]
             try:
-                size = path.stat().st_size
+                st = path.stat()
             except FileNotFoundError:
                 raise CacheEntryCorrupt(f"missing {f['path']}") from None
-            if size != f["size"]:
-                raise CacheEntryCorrupt(f"{f['path']} has {size} bytes, expected {f['size']}")
-            if deep and sha256_file(path) != f["sha256"]:
+            if st.st_size != f["size"]:
+                raise CacheEntryCorrupt(f"{f['path']} has {st.st_size} bytes, expected {f['size']}")
+            known = fingerprints.get(f["path"])
+            touched = st.st_mtime_ns != known[1] if known else st.st_mtime_ns > written
+            # A cheap fingerprint first (size, mtime); only a file whose mtime moved is re-hashed,
+            # so an edit in place (same size) is caught without hashing every hit.
+            if (deep or touched) and sha256_file(path) != f["sha256"]:
                 raise CacheEntryCorrupt(f"{f['path']} content changed")
         return Entry(key, data, record)
 
@@ -122,6 +136,7 @@ class CacheStore:
             started = time.time()
             result = build(data)
             files = file_records(data)
+            fingerprints = {f["path"]: [f["size"], (data / f["path"]).stat().st_mtime_ns] for f in files}
             record = {
                 "format": ENTRY_FORMAT,
                 "key": key,
@@ -129,6 +144,7 @@ class CacheStore:
                 "result": result,
                 "files": files,
                 "digest": tree_digest(files),
+                "fingerprints": fingerprints,
                 "seconds": round(time.time() - started, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }

@@ -133,14 +133,21 @@ def run(
         "--locked", help="Refuse to run when the source, data, recipe or tools differ from <recipe>.lock.json.",
     )] = False,
     report_dir: Annotated[Path | None, typer.Option(
-        "--report-dir", help="Where summary.json, junit.xml and summary.md go [default: $MODELBUILD_REPORTS, else reports/<recipe name>].",
+        "--report-dir", help="Where summary.json, junit.xml and summary.md go.",
+        show_default="$MODELBUILD_REPORTS, else reports/<recipe name>",
     )] = None,
     executor: Annotated[str, typer.Option(
         "--executor", help="local (this machine) or ray (stages as Ray tasks across a cluster sharing the cache).",
         case_sensitive=False)] = "local",
     address: Annotated[str | None, typer.Option(
-        "--address", envvar="RAY_ADDRESS", help="The Ray cluster's HOST:PORT [default: start Ray on this machine].",
+        "--address", envvar="RAY_ADDRESS", help="The Ray cluster's HOST:PORT.", show_default="start Ray on this machine",
     )] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Print no progress: warnings and errors only (the results still go to stdout).",
+    )] = False,
+    json_progress: Annotated[bool, typer.Option(
+        "--json-progress", help="Progress as one JSON object per line on stderr (for CI dashboards).",
+    )] = False,
 ) -> None:
     """Build, evaluate, gate and publish every variant of a recipe (cached stages are reused).
 
@@ -160,21 +167,27 @@ def run(
         from pipeline.errors import InputError
 
         raise InputError(f"unknown executor {executor!r}", where="--executor", fix="use local or ray")
-    reporter = Reporter()
+    # Off a terminal the reporter prints plain lines and a heartbeat every $MODELBUILD_PROGRESS_INTERVAL s.
+    reporter = Reporter(mode="json" if json_progress else "quiet" if quiet else None)
     prepared = prepare(recipe, cache_dir=cache_dir, storage=storage, reporter=reporter)
     folder = report_dir or default_folder(prepared.loaded.recipe.name)
     started = time.time()
 
-    def write_reports(report, exit_code: int, error: str | None) -> None:
+    def write_reports(report, exit_code: int, error: str | None, *, stopped: bool = False) -> None:
         paths = write_for_run(folder, prepared, report, exit_code=exit_code, error=error, seconds=time.time() - started)
-        if report is not None:  # a stopped run's error stays the one line it prints
+        if not stopped:  # a stopped run's error stays the one line it prints
             typer.echo(f"reports: {paths['json']}, {paths['junit']}, {paths['markdown']}", err=True)
 
     try:
         report = run_prepared(prepared, device=device, reporter=reporter, locked=locked, executor=executor.lower(),
                               address=address)
     except ModelbuildError as e:
-        write_reports(None, e.exit_code, e.render())
+        # The executor attaches what finished before the failure: variants already published are
+        # reported published, with their metrics (the reports match the store).
+        try:
+            write_reports(getattr(e, "report", None), e.exit_code, e.render(), stopped=True)
+        except ModelbuildError as unwritable:  # the run's own error is the one to report
+            reporter.warn(unwritable.render())
         raise
 
     baseline = report.outcomes["baseline"].result

@@ -1,26 +1,23 @@
-"""``verify``: re-hash a published variant (a folder, or a reference in a store) against its manifest."""
+"""``verify``: re-hash a published variant (a folder, or a reference in a store) against its manifest
+(registered with the store commands, in ``registry``)."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pipeline.cli.registry import JsonOpt, StoreOpt
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(verify)
+from pipeline.cli.options import StorageOpt, storage_url
+from pipeline.cli.registry import JsonOpt
 
 
 def verify(
-    target: Annotated[str, typer.Argument(help="A version folder (or its manifest.json), or MODEL/VARIANT[@VERSION] "
-                                               "in --storage.", show_default=False, metavar="REF|PATH")],
-    storage: StoreOpt = "artifacts",
+    target: Annotated[str, typer.Argument(help="A version folder (or its manifest.json), or MODEL/VARIANT or "
+                                               "MODEL/VARIANT@VERSION in --storage.", show_default=False,
+                                          metavar="REF|PATH")],
+    storage: StorageOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Re-hash every file of a published variant and report each mismatch with its manifest."""
@@ -30,24 +27,11 @@ def verify(
     if Path(target).exists():
         problems, where = verify_folder(Path(target)), target
     else:
-        from pipeline.storage.consume import pull
+        from pipeline.storage.consume import verify as verify_version
         from pipeline.storage.location import open_storage
         from pipeline.storage.refs import parse_ref
-        from pipeline.storage.registry import resolve
 
-        store, ref = open_storage(storage), parse_ref(target)
-        version, _manifest, _raw = resolve(store, ref)
-        where = store.location(f"{ref.model}/{ref.variant}/{version}")
-        local = store.local_path(f"{ref.model}/{ref.variant}/{version}")
-        if local is not None:
-            problems = verify_folder(local)
-        else:  # a remote store: stream every file through a checked pull into a scratch folder
-            scratch = Path(tempfile.mkdtemp(prefix="modelbuild-verify-"))
-            try:
-                pull(store, ref.__class__(ref.model, ref.variant, version), scratch / "v")
-                problems = []
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+        _version, where, problems = verify_version(open_storage(storage_url(storage)), parse_ref(target))
     if json_:
         typer.echo(json.dumps({"target": where, "ok": not problems, "problems": problems}, indent=2))
     if problems:

@@ -1,7 +1,7 @@
-"""Consumer commands on a store: ``list``, ``show``, ``select``, ``pull``, ``promote``,
-``rollback``, ``gc``, ``reindex``, ``deploy``, ``push-hub``. Each takes ``--storage`` (a folder or
-``s3://...``; the endpoint and credentials from the AWS variables) and, where a script would read
-it, ``--json``."""
+"""Consumer commands on a store, grouped as ``modelbuild store ...``: ``list``, ``show``, ``select``,
+``pull``, ``verify`` (in ``inspect``), ``promote``, ``rollback``, ``gc``, ``reindex``, ``deploy``,
+``push-hub``. Each takes ``--storage`` (a folder or ``s3://...``; the endpoint and credentials from
+the AWS variables) and, where a script would read it, ``--json``."""
 
 from __future__ import annotations
 
@@ -11,24 +11,32 @@ from typing import Annotated, Any
 
 import typer
 
-StoreOpt = Annotated[
-    str,
-    typer.Option("--storage", envvar="MODELBUILD_STORAGE",
-                 help="Store to read: a folder or s3://BUCKET/PREFIX (endpoint from AWS_ENDPOINT_URL)."),
-]
+from pipeline.cli.options import StorageOpt, storage_url
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-RefArg = Annotated[str, typer.Argument(help="MODEL[/VARIANT[@VERSION|@CHANNEL]].", show_default=False, metavar="REF")]
+# No brackets in help texts: rich reads "[@VERSION]" as markup and drops it from the page.
+RefArg = Annotated[str, typer.Argument(help="MODEL, MODEL/VARIANT, MODEL/VARIANT@VERSION or MODEL/VARIANT@CHANNEL.",
+                                       show_default=False, metavar="REF")]
 
 
 def register(app: typer.Typer) -> None:
-    for command in (list_, show, select, pull, promote, rollback, gc, reindex, deploy, push_hub):
-        app.command(name=command.__name__.rstrip("_").replace("_", "-"))(command)
+    """Every command under ``modelbuild store``, and under the same name at the top level, hidden
+    from its help: the top-level names came first, and scripts call them."""
+    from pipeline.cli.inspect import verify  # inspect imports this module's option types
+
+    store = typer.Typer(help="The published store: list, inspect, pull, verify, move channels, clean up, deploy.",
+                        no_args_is_help=True)
+    for command in (list_, show, select, pull, verify, promote, rollback, gc, reindex, deploy, push_hub):
+        name = command.__name__.rstrip("_").replace("_", "-")
+        store.command(name=name)(command)
+        app.command(name=name, hidden=True)(command)
+    app.add_typer(store, name="store")
 
 
-def _open(url: str):
+def _open(url: str | None):
     from pipeline.storage.location import open_storage
 
-    return open_storage(url)
+    return open_storage(storage_url(url))
 
 
 def _gb(n: Any) -> str:
@@ -46,17 +54,19 @@ def _min_gpu(e: dict[str, Any]) -> str:
     return "any / CPU" if cc is None else f"sm {cc:g}+"
 
 
-def list_(storage: StoreOpt = "artifacts", model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+def list_(storage: StorageOpt = None,
+          model: Annotated[str | None, typer.Option(help="Only this model.", show_default="every model")] = None,
           json_: JsonOpt = False) -> None:
     """Every published version in the store's registry index."""
     from pipeline.storage.registry import read_index
 
-    entries = [e for e in read_index(_open(storage))["entries"] if model is None or e["model"] == model]
+    store = _open(storage)
+    entries = [e for e in read_index(store)["entries"] if model is None or e["model"] == model]
     if json_:
         typer.echo(json.dumps(entries, indent=2))
         return
     if not entries:
-        typer.echo(f"nothing published in {storage}")
+        typer.echo(f"nothing published in {store.url}")
         return
     typer.echo(f"{'model/variant@version':<70} {'format':<18} {'engines':<28} {'min GPU':<10} {'GB':>7} {'mean KLD':>12}")
     for e in entries:
@@ -65,7 +75,7 @@ def list_(storage: StoreOpt = "artifacts", model: Annotated[str | None, typer.Op
                    f"{_gb(e.get('size_bytes')):>7} {_kld(e):>12}")
 
 
-def show(ref: RefArg, storage: StoreOpt = "artifacts", json_: JsonOpt = False) -> None:
+def show(ref: RefArg, storage: StorageOpt = None, json_: JsonOpt = False) -> None:
     """A model's variants, a variant's versions and channels, or one version's manifest."""
     from pipeline.storage.consume import manifest_summary
     from pipeline.storage.refs import parse_ref
@@ -118,10 +128,12 @@ def show(ref: RefArg, storage: StoreOpt = "artifacts", json_: JsonOpt = False) -
 def select(
     engine: Annotated[str, typer.Option(help="vllm, trtllm or llamacpp.")],
     gpu: Annotated[str, typer.Option(help="H100, L40S, A100, B200, ... or cpu.")],
-    max_gb: Annotated[float | None, typer.Option("--max-gb", help="Largest size on disk, in GB (10^9 bytes).")] = None,
-    max_kld: Annotated[float | None, typer.Option("--max-kld", help="Largest mean KLD vs the unquantized model.")] = None,
-    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
-    storage: StoreOpt = "artifacts",
+    max_gb: Annotated[float | None, typer.Option("--max-gb", help="Largest size on disk, in GB (10^9 bytes).",
+                                                 show_default="no limit")] = None,
+    max_kld: Annotated[float | None, typer.Option("--max-kld", help="Largest mean KLD vs the unquantized model.",
+                                                  show_default="no limit")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.", show_default="every model")] = None,
+    storage: StorageOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Print the best matching variant's path (lowest mean KLD that fits), or why none matches."""
@@ -144,7 +156,7 @@ def select(
 def pull(
     ref: RefArg,
     dest: Annotated[Path, typer.Argument(help="New or empty folder to pull into.", show_default=False)],
-    storage: StoreOpt = "artifacts",
+    storage: StorageOpt = None,
     jobs: Annotated[int, typer.Option(help="Parallel downloads.")] = 8,
     json_: JsonOpt = False,
 ) -> None:
@@ -162,7 +174,7 @@ def pull(
 def promote(
     ref: RefArg,
     channel: Annotated[str, typer.Option(help="Channel to move, e.g. stable.")],
-    storage: StoreOpt = "artifacts",
+    storage: StorageOpt = None,
 ) -> None:
     """Point a channel at a version (MODEL/VARIANT@VERSION, or @CHANNEL to copy another channel)."""
     from pipeline.storage.location import check_name
@@ -179,7 +191,7 @@ def promote(
 def rollback(
     ref: RefArg,
     channel: Annotated[str, typer.Option(help="Channel to move back.")] = "stable",
-    storage: StoreOpt = "artifacts",
+    storage: StorageOpt = None,
 ) -> None:
     """Move a channel back to the version it pointed at before."""
     from pipeline.storage.location import check_name
@@ -197,8 +209,8 @@ def rollback(
 
 def gc(
     keep: Annotated[int, typer.Option(help="Versions to keep per variant (channel targets are always kept).")],
-    storage: StoreOpt = "artifacts",
-    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    storage: StorageOpt = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.", show_default="every model")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; delete nothing.")] = False,
     grace_minutes: Annotated[float, typer.Option(
         help="Leave leftovers younger than this alone: a publisher may still be uploading them.")] = 60,
@@ -212,25 +224,37 @@ def gc(
     typer.echo(f"{len(gone)} item(s) {'to delete' if dry_run else 'deleted'}")
 
 
-def reindex(storage: StoreOpt = "artifacts") -> None:
-    """Rebuild the registry index from the manifests in the store."""
+def reindex(storage: StorageOpt = None) -> None:
+    """Rebuild the registry index from the manifests in the store, indexing only versions whose
+    files match their manifest (the others are listed; exit 5 when there are any)."""
+    from pipeline.errors import IntegrityError
+    from pipeline.storage.consume import verify
+    from pipeline.storage.refs import Ref
     from pipeline.storage.registry import reindex as rebuild
 
-    index = rebuild(_open(storage))
+    store = _open(storage)
+    index, left_out = rebuild(store, lambda m, v, version: verify(store, Ref(m, v, version), against_index=False)[2])
+    for line in left_out:
+        typer.echo(f"not indexed: {line}", err=True)
     typer.echo(f"index rebuilt: {len(index['entries'])} version(s)")
+    if left_out:
+        raise IntegrityError(f"{len(left_out)} version(s) left out of the index: their files do not match their "
+                             "manifest", fix="republish them, or restore their files and run reindex again")
 
 
 def deploy(
     ref: RefArg,
     out: Annotated[Path, typer.Argument(help="Folder to write docker-compose.yml and nginx.conf into.", show_default=False)],
     replicas: Annotated[int, typer.Option(help="Engine replicas behind the load balancer.")] = 2,
-    engine: Annotated[str | None, typer.Option(help="vllm, trtllm or llamacpp [default: the first profile's].")] = None,
-    profile: Annotated[str | None, typer.Option(help="A serving profile by name (see `show REF`).")] = None,
+    engine: Annotated[str | None, typer.Option(help="vllm, trtllm or llamacpp.",
+                                               show_default="the first profile's")] = None,
+    profile: Annotated[str | None, typer.Option(help="A serving profile by name (see `show REF`).",
+                                                show_default="the first of --engine's")] = None,
     port: Annotated[int, typer.Option(help="Port the load balancer listens on.")] = 8000,
     mount_from: Annotated[str | None, typer.Option(
-        "--mount-from", help="A filesystem store's path on the serving hosts (e.g. its NFS mount point) "
-                             "[default: its path here].")] = None,
-    storage: StoreOpt = "artifacts",
+        "--mount-from", help="A filesystem store's path on the serving hosts (e.g. its NFS mount point).",
+        show_default="its path here")] = None,
+    storage: StorageOpt = None,
 ) -> None:
     """Write a Docker Compose deployment of a published variant: N replicas, nginx, health checks."""
     from pipeline.deploy import compose, pick_profile
@@ -258,8 +282,8 @@ def push_hub(
     repo_id: Annotated[str, typer.Argument(help="Hub model repo, e.g. my-org/SmolLM2-135M-Instruct-FP8.",
                                            show_default=False)],
     public: Annotated[bool, typer.Option("--public", help="Create the repo public (default: private).")] = False,
-    revision: Annotated[str | None, typer.Option(help="Branch to commit to [default: main].")] = None,
-    storage: StoreOpt = "artifacts",
+    revision: Annotated[str | None, typer.Option(help="Branch to commit to.", show_default="main")] = None,
+    storage: StorageOpt = None,
 ) -> None:
     """Upload a verified published version to a Hugging Face Hub repo (HF_TOKEN / hf auth login)."""
     from pipeline.storage.hub import push

@@ -3,11 +3,12 @@ recommendations) from what is published in a store."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from pipeline.cli.options import StorageOpt, storage_url
 
 
 def register(app: typer.Typer) -> None:
@@ -39,13 +40,12 @@ def _target(text: str):
 def report(
     subject: Annotated[str, typer.Argument(help="A recipe file, or a model name as published.", show_default=False,
                                            metavar="MODEL|RECIPE")],
-    storage: Annotated[str | None, typer.Option(
-        "--storage", help="Store to read: a folder or s3://BUCKET/PREFIX [default: the recipe's publish.root, "
-                          "else $MODELBUILD_STORAGE, else ./artifacts].")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Folder to write [default: reports/<model>/tradeoff].")] = None,
+    storage: StorageOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder to write.",
+                                             show_default="reports/<model>/tradeoff")] = None,
     target: Annotated[list[str] | None, typer.Option(
-        "--target", help="ENGINE:GPU[:MAX_GB[:MAX_KLD]] to recommend for (repeatable) [default: the recipe's "
-                         "report.targets, else each engine on each recipe GPU and llama.cpp on CPU].")] = None,
+        "--target", help="ENGINE:GPU[:MAX_GB[:MAX_KLD]] to recommend for (repeatable).",
+        show_default="the recipe's report.targets, else each engine on each recipe GPU and llama.cpp on CPU")] = None,
 ) -> None:
     """Write a model's tradeoff report: per variant engine, format, bits, size, PPL, KLD, top-1,
     measured speed, gate and minimum GPU; Pareto plots; a recommendation per target."""
@@ -68,7 +68,7 @@ def report(
     else:
         model = subject
         check_name(model, "model")
-        url = storage or os.environ.get("MODELBUILD_STORAGE") or str(Path("artifacts").resolve())
+        url = storage_url(storage)
     rep = build_report(open_storage(url), model, targets, gpus)
     written = write_report(rep, out or Path("reports") / model / "tradeoff")
     typer.echo(f"report of {len(rep.rows)} variant(s) of {model}:")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 toolchain_app = typer.Typer(help="Build or show llama.cpp (GGUF variants need it).", no_args_is_help=True)
@@ -12,11 +14,18 @@ def register(app: typer.Typer) -> None:
 
 
 @toolchain_app.command()
-def install() -> None:
-    """Build llama.cpp at the pinned version (once per environment; a rerun returns at once)."""
+def install(
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache",
+        help="Reuse (or fill) the per-user build cache, ${XDG_CACHE_HOME:-~/.cache}/modelbuild/toolchains "
+             "(MODELBUILD_TOOLCHAIN_CACHE; 'off' disables it); --no-cache builds inside the environment.")] = True,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Parallel compile jobs.",
+                                             show_default="the CPUs available")] = None,
+) -> None:
+    """Build llama.cpp at the pinned version, or reuse this machine's cached build (a rerun returns at once)."""
     from pipeline.toolchains import llamacpp
 
-    llamacpp.install(log=lambda line: typer.echo(line, err=True))
+    llamacpp.install(log=lambda line: typer.echo(line, err=True), jobs=jobs, cache=cache)
 
 
 @toolchain_app.command()
@@ -25,4 +34,5 @@ def show() -> None:
     from pipeline.toolchains import llamacpp
 
     chain = llamacpp.find()
-    typer.echo(f"llama.cpp {chain.commit} ({chain.version}) in {chain.root}")
+    where = f"{chain.root} -> {chain.root.resolve()}" if chain.root.is_symlink() else str(chain.root)
+    typer.echo(f"llama.cpp {chain.commit} ({chain.version}) in {where}")

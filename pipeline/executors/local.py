@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pipeline.cache.durations import Durations
 from pipeline.cache.store import CacheStore, Entry
 from pipeline.errors import Interrupted, ModelbuildError, StageError, StageSkipped
 from pipeline.hardware import missing
 from pipeline.plan.stage import Stage
+from pipeline.progress import PlannedStage
 from pipeline.stages import runner
 from pipeline.stages.context import RunContext, StageInput
 
@@ -46,24 +50,65 @@ class Report:
 
 
 def execute(plan, ctx: RunContext, store: CacheStore) -> Report:
+    """Run every stage of ``plan`` (see ``_execute``) inside the reporter's span of the run: its
+    ETA rests on the cache's record of past build times, which this run's builds then extend."""
+    history = Durations(store.root)
+    hits = {s.id for s in plan.stages if s.cached and store.get(s.key) is not None}
+    planned = [PlannedStage(s.id, 0.0 if s.id in hits else history.estimate(s.key, s.kind, s.params), s.id in hits,
+                            s.kind) for s in plan.stages]
+    report = None
+    try:
+        with ctx.reporter.run(planned):
+            report = _execute(plan, ctx, store)
+    except BaseException as e:
+        report = getattr(e, "report", None)  # what finished before the failure was timed too
+        raise
+    finally:
+        _record(history, report)
+    return report
+
+
+def _record(history: Durations, report: Report | None) -> None:
+    if report is None:
+        return
+    timed = [o for o in report.outcomes.values() if o.status in ("built", "ran")]
+    for o in timed:
+        history.add(o.stage.key, o.stage.kind, o.stage.params, o.seconds)
+    if timed or history.seeded:  # a seeded index is saved, so the entries are scanned only once
+        history.save()
+
+
+def _execute(plan, ctx: RunContext, store: CacheStore) -> Report:
     """Run every stage of ``plan``.
 
     Raises:
         Interrupted: Ctrl-C (the running stage's temp output is removed first).
         StageError: a stage raised something unexpected.
         ModelbuildError: a stage found bad input.
+
+    Whatever is raised carries ``report``: the outcomes of the stages that finished before it
+    (variants already gated and published among them), so the run's reports match the store.
     """
     report = Report()
     total = len(plan.stages)
-    for index, stage in enumerate(plan.stages, 1):
-        inputs = {
-            sid: StageInput(report.outcomes[sid].result, report.outcomes[sid].entry, report.outcomes[sid].status)
-            for sid in stage.inputs + stage.after
-        }
-        outcome = _run_stage(ctx, store, stage, inputs, index, total)
-        report.outcomes[stage.id] = outcome
-        seconds = outcome.seconds if outcome.status == "built" else None
-        ctx.reporter.stage(index, total, stage.id, _describe(outcome), seconds)
+    try:
+        for index, stage in enumerate(plan.stages, 1):
+            inputs = {
+                sid: StageInput(report.outcomes[sid].result, report.outcomes[sid].entry, report.outcomes[sid].status)
+                for sid in stage.inputs + stage.after
+            }
+            outcome = _run_stage(ctx, store, stage, inputs, index, total)
+            report.outcomes[stage.id] = outcome
+            seconds = outcome.seconds if outcome.status == "built" else None
+            ctx.reporter.stage(index, total, stage.id, _describe(outcome), seconds)
+    except KeyboardInterrupt:  # between stages (a stage's own interrupt is converted in _guarded)
+        error = Interrupted("interrupted between stages",
+                            fix="nothing half-written was kept; rerun the same command to resume")
+        error.report = report
+        raise error from None
+    except ModelbuildError as e:
+        e.report = report
+        raise
     return report
 
 
@@ -87,11 +132,33 @@ def _run_stage(ctx: RunContext, store: CacheStore, stage: Stage, inputs: dict, i
                 return Outcome(stage, "needs", {"needs": lacking}, 0.0)
             ctx.reporter.stage(index, total, stage.id, "running")
             describe = {"stage": stage.id, "kind": stage.kind, "params": stage.params}
-            entry = _guarded(stage, lambda: store.put(stage.key, lambda out: module.run(ctx, stage, inputs, out), describe))
+
+            def build(out):
+                result = module.run(ctx, stage, inputs, out)
+                _hold_for_tests(stage.id)
+                return result
+
+            entry = _guarded(stage, lambda: store.put(stage.key, build, describe))
             status = "built"
     except StageSkipped as e:
         return Outcome(stage, "skipped", {"reason": str(e)}, time.perf_counter() - started)
     return Outcome(stage, status, entry.result, time.perf_counter() - started, entry)
+
+
+# Tests that interrupt a run mid-stage (Ctrl-C, SIGKILL) need the stage to be certainly running
+# when the signal lands, however fast or slow the machine: with MODELBUILD_TEST_HOLD set to
+# "<stage id>=<file>", that stage, its output written to the cache's temp folder but not yet
+# committed, creates <file> and waits to be signalled. Only tests set it.
+HOLD_ENV = "MODELBUILD_TEST_HOLD"
+
+
+def _hold_for_tests(stage_id: str) -> None:
+    wanted, _, ready = os.environ.get(HOLD_ENV, "").partition("=")
+    if not ready or wanted != stage_id:
+        return
+    Path(ready).touch()
+    while True:  # a signal ends the wait: SIGINT as KeyboardInterrupt, SIGKILL the process
+        time.sleep(3600)
 
 
 def _describe(outcome: Outcome) -> str:

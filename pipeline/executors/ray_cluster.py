@@ -290,4 +290,7 @@ def execute(plan, ctx: RunContext, store: CacheStore, *, address: str, cpus_per_
             ray.cancel(ref, force=True)
         raise Interrupted("interrupted; running stages were cancelled",
                           fix="nothing half-written was kept; rerun the same command to resume") from None
+    except ModelbuildError as e:
+        e.report = report  # what finished before the failure, as the local executor hands back
+        raise
     return report

@@ -28,7 +28,7 @@ from pipeline.hashing import digest_json, sha256_file
 from pipeline.plan.stage import Hints, Stage, tool_version
 from pipeline.plan.variant_stages import EVAL_TOOLS, Planning
 from pipeline.quality.calibration import calibration_digest
-from pipeline.quality.corpus import read_text
+from pipeline.quality.corpus import check_eval_tokens, read_text
 from pipeline.recipe.load import LoadedRecipe
 from pipeline.sources import ResolvedSource
 from pipeline.stages import VERSIONS
@@ -72,6 +72,8 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, sto
     data = _corpus_digests(recipe)
     _check_targets(recipe, loaded)
     _check_variants(loaded, resolved, store)
+    check_eval_tokens(recipe, _tokenizer_folder(recipe, resolved, store), identity=resolved.identity,
+                      corpus_sha256=data["eval"], memo=store.root / "checks" if store is not None else None)
 
     stages: list[Stage] = []
     fetch = _fetch_stage(resolved)
@@ -193,6 +195,17 @@ def _check_variants(loaded: LoadedRecipe, resolved: ResolvedSource, store: Cache
         if memo is not None:
             memo.mkdir(parents=True, exist_ok=True)
             (memo / token).touch()
+
+
+def _tokenizer_folder(recipe, resolved: ResolvedSource, store: CacheStore | None):
+    """A folder with the model's tokenizer at hand without a download: a local source, else a
+    cached fetch; None otherwise (the baseline counts the eval tokens then)."""
+    if recipe.source.kind == "local":
+        return recipe.source.path
+    if store is None:
+        return None
+    entry = store.get(_fetch_stage(resolved).compute_key({}, {t: tool_version(t) for t in resolved.tools}))
+    return entry.data if entry is not None else None
 
 
 def _model_config(recipe, resolved: ResolvedSource, store: CacheStore | None = None):

@@ -31,23 +31,65 @@ def token_windows(text: str, tokenizer, *, tokens: int, seq_len: int, where: str
     never falls inside the last kept token.
 
     Raises:
-        DataError: the text holds fewer tokens than requested.
+        DataError: the text holds fewer than ``tokens`` tokens.
     """
     import torch
 
     need = (tokens // seq_len) * seq_len
-    margin = 64
-    chars = max(need * 8, 4096)
-    while True:
-        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) >= need + margin or chars >= len(text):
-            break
-        chars *= 2
-    if len(ids) < need:
+    ids = _prefix_ids(text, tokenizer, tokens)
+    # Against what the recipe asks, not the rounded-down windows: a corpus of fewer tokens than
+    # eval.tokens would otherwise be gated on what there is without a word.
+    if len(ids) < tokens:
         raise DataError(
-            f"corpus too short: {len(ids)} tokens, the recipe asks for {need} ({tokens} rounded down to "
-            f"{seq_len}-token windows)",
+            f"eval corpus too short: it has {len(ids)} tokens, eval.tokens asks {tokens}",
             where=where,
             fix="lower eval.tokens or use a longer corpus",
         )
     return torch.tensor(ids[:need], dtype=torch.long).view(-1, seq_len)
+
+
+def _prefix_ids(text: str, tokenizer, tokens: int) -> list[int]:
+    """Token ids of a prefix of ``text`` holding at least ``tokens`` tokens (all of it when it
+    holds fewer), with a margin so the cut never falls inside the last kept token."""
+    margin = 64
+    chars = max(tokens * 8, 4096)
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= tokens + margin or chars >= len(text):
+            return ids
+        chars *= 2
+
+
+def check_eval_tokens(recipe, checkpoint: Path | None, *, identity: dict, corpus_sha256: str,
+                      memo: Path | None) -> None:
+    """Plan time: the eval corpus must hold ``eval.tokens`` tokens of the model's own tokenizer,
+    refused before the fetch rather than at the baseline after it. ``checkpoint`` is a folder
+    holding the tokenizer without a download (a local source, a cached fetch), else None and the
+    baseline checks. A pass is remembered in ``memo`` for this source, corpus and tool versions.
+
+    Raises:
+        DataError: fewer tokens than asked.
+    """
+    if checkpoint is None:
+        return
+    from pipeline.hashing import digest_json
+    from pipeline.plan.stage import tool_version
+
+    ev = recipe.eval
+    token = digest_json({"check": "eval_tokens", "source": identity, "corpus": corpus_sha256, "tokens": ev.tokens,
+                         "tools": {t: tool_version(t) for t in ("transformers", "tokenizers")}})
+    if memo is not None and (memo / token).exists():
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=recipe.source.trust_remote_code)
+    except Exception:  # noqa: BLE001 - fetch and baseline load it again and refuse it with their own line
+        return
+    count = len(_prefix_ids(read_text(ev.corpus, what="eval.corpus"), tokenizer, ev.tokens))
+    if count < ev.tokens:
+        raise DataError(f"eval corpus too short: it has {count} tokens, eval.tokens asks {ev.tokens}",
+                        where="eval.corpus", fix="lower eval.tokens or use a longer corpus")
+    if memo is not None:
+        memo.mkdir(parents=True, exist_ok=True)
+        (memo / token).touch()

@@ -54,7 +54,10 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     Raises:
         RecipeError: unreadable file, malformed YAML, duplicate keys, schema violations.
     """
-    path = Path(path).expanduser().resolve()
+    try:
+        path = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError on Python 3.11)
+        raise RecipeError(f"cannot resolve the path: {e}", file=str(path), fix="check the path") from None
     shown = _shown(path)
     try:
         raw = path.read_bytes()
@@ -78,11 +81,26 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
             line=mark.line + 1 if mark else None,
             fix="fix the YAML syntax",
         ) from None
+    except RecursionError:
+        raise RecipeError("YAML nested too deeply", file=shown, fix="flatten the recipe") from None
     if node is None:
         raise RecipeError("empty recipe", file=shown, fix="see recipes/ for examples")
     lines: dict[tuple, int] = {}
-    _index_lines(node, (), lines, shown)
-    data = yaml.safe_load(text)
+    # The graph is checked (cycles, non-scalar keys, alias bombs) before anything constructs it:
+    # yaml.safe_load would build a recursive list from `x: &a [*a]` and pydantic would recurse forever.
+    _index_lines(node, (), lines, shown, set(), [0])
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:  # e.g. a tag the safe loader refuses (!!python/object)
+        mark = getattr(e, "problem_mark", None)
+        raise RecipeError(
+            f"malformed YAML: {getattr(e, 'problem', None) or e}", file=shown,
+            line=mark.line + 1 if mark else None, fix="use plain YAML: mappings, lists, strings, numbers",
+        ) from None
+    except (ValueError, TypeError, OverflowError) as e:  # a scalar the constructor cannot convert, e.g. a bad date
+        raise RecipeError(f"malformed YAML value: {e}", file=shown, fix="quote the value") from None
+    except RecursionError:
+        raise RecipeError("YAML nested too deeply", file=shown, fix="flatten the recipe") from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping at the top level", file=shown, line=1)
 
@@ -100,12 +118,36 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _index_lines(node: yaml.Node, at: tuple, lines: dict[tuple, int], shown: str) -> None:
-    """Map every field path in the YAML tree to its 1-based line; reject duplicate keys."""
-    lines[at] = node.start_mark.line + 1
+# A recipe has a few hundred nodes; aliases can multiply that (each `*a` repeats its anchor's
+# subtree), so a bound keeps a "billion laughs" file from taking forever.
+_MAX_NODES = 100_000
+
+
+def _index_lines(node: yaml.Node, at: tuple, lines: dict[tuple, int], shown: str, path: set[int],
+                 count: list[int]) -> None:
+    """Map every field path in the YAML tree to its 1-based line; reject duplicate keys,
+    non-scalar keys, recursive aliases (``path``: the nodes above this one) and alias bombs."""
+    lines.setdefault(at, node.start_mark.line + 1)
+    count[0] += 1
+    if count[0] > _MAX_NODES:
+        raise RecipeError(f"YAML expands to more than {_MAX_NODES} nodes (aliases repeated inside aliases?)",
+                          file=shown, line=node.start_mark.line + 1, fix="write the recipe without nested aliases")
+    if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        return
+    if id(node) in path:
+        raise RecipeError("recursive YAML alias (an anchor used inside itself)", file=shown,
+                          field=".".join(map(str, at)) or None, line=node.start_mark.line + 1,
+                          fix="remove the alias that refers to its own anchor")
+    path = path | {id(node)}
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise RecipeError(
+                    "a key must be a plain name, not a list or mapping", file=shown,
+                    field=".".join(map(str, at)) or None, line=key_node.start_mark.line + 1,
+                    fix="write the key as a plain name",
+                )
             key = key_node.value
             if key in seen:
                 raise RecipeError(
@@ -116,13 +158,12 @@ def _index_lines(node: yaml.Node, at: tuple, lines: dict[tuple, int], shown: str
                     fix="keep one of them",
                 )
             seen.add(key)
-            lines[at + (key,)] = key_node.start_mark.line + 1
-            _index_lines(value_node, at + (key,), lines, shown)
             # A key's own line beats its value's (for a block value they differ).
             lines[at + (key,)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
+            _index_lines(value_node, at + (key,), lines, shown, path, count)
+    else:
         for i, item in enumerate(node.value):
-            _index_lines(item, at + (i,), lines, shown)
+            _index_lines(item, at + (i,), lines, shown, path, count)
 
 
 def _first_error(exc: ValidationError, shown: str, lines: dict[tuple, int], data: dict) -> RecipeError:

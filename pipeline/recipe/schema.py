@@ -39,7 +39,12 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     base = (info.context or {}).get("base_dir")
     if not value.is_absolute() and base is not None:
         value = Path(base) / value
-    return Path(value).resolve() if base is not None else value
+    if base is None:
+        return value
+    try:
+        return Path(value).resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError on a symlink loop
+        raise ValueError(f"cannot resolve {value}: {e}") from None
 
 
 # --- source ----------------------------------------------------------------------------------
@@ -196,8 +201,17 @@ class Publish(Strict):
                                                "default ./artifacts, or --storage")
     model: str | None = Field(None, pattern=SLUG, description="model folder name; default: recipe name")
     s3: S3Options = S3Options()
-    hardlink: bool = Field(True, description="on a filesystem root beside the cache, publish read-only hard links "
-                                             "to the cached files instead of copies")
+    hardlink: bool | None = Field(None, description="removed: published files are always copies; only false "
+                                                    "is accepted (what every publish does)")
+
+    @field_validator("hardlink")
+    @classmethod
+    def _no_hardlinks(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("hard-linked publishing was removed: a link shares the cache's bytes, so a write "
+                             "through either name changed what a manifest vouches for; published files are "
+                             "always copies now (remove the key)")
+        return value
 
     @field_validator("root")
     @classmethod

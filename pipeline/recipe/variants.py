@@ -9,15 +9,23 @@ Stdlib and pydantic only: no backend library is imported here.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.recipe.gate import Gate
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _compiles(regex: str, shown: str) -> None:
+    try:
+        re.compile(regex)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"invalid regular expression {shown!r}: {e}") from None
 
 
 class CalibrationOverride(_Strict):
@@ -117,6 +125,18 @@ class LLMCompressorVariant(_VariantBase):
         "shard, memory independent of model size (data-free round-to-nearest schemes only)",
     )
 
+    @field_validator("ignore", "targets")
+    @classmethod
+    def _patterns_compile(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # llm-compressor compiles `re:` patterns only when it walks the model, deep in the
+        # quantize stage: a typo there must fail when the recipe is read.
+        for pattern in value:
+            if not pattern:
+                raise ValueError("empty module name")
+            if pattern.startswith("re:"):
+                _compiles(pattern[3:], pattern)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "LLMCompressorVariant":
         if self.entrypoint == "model_free" and self.needs_calibration():
@@ -178,6 +198,16 @@ class LlamaCppVariant(_VariantBase):
     split_max_size: str | None = Field(
         None, pattern=r"^[1-9][0-9]*[MG]$", description="split files above this size (e.g. 2G), llama.cpp split naming"
     )
+
+    @field_validator("tensor_types")
+    @classmethod
+    def _tensor_patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        # llama-quantize takes each as `PATTERN=TYPE` and compiles PATTERN as a regex.
+        for pattern in value:
+            if not pattern or "=" in pattern:
+                raise ValueError(f"tensor name pattern {pattern!r} must be non-empty and contain no '='")
+            _compiles(pattern, pattern)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "LlamaCppVariant":

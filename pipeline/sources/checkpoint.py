@@ -77,7 +77,13 @@ def inspect_checkpoint(root: Path, *, allow_pickle: bool, trust_remote_code: boo
         )
     for name in safetensors:
         check_safetensors(root / name, where=where)
+    for name in sorted(n for n in names if n.endswith(".safetensors.index.json")):
+        _check_index(root, name, set(names), where)
     config = _read_json(root / "config.json", where)
+    if not isinstance(config, dict):
+        raise SourceError(f"config.json in {root} is not a JSON object", where=where,
+                          fix="restore the model's config.json (a mapping of settings)")
+    _check_tokenizer(root, names, where)
     if config.get("auto_map") and not trust_remote_code:
         raise SourceError(
             "the model needs its repository's own Python code (config.json has auto_map)",
@@ -87,35 +93,122 @@ def inspect_checkpoint(root: Path, *, allow_pickle: bool, trust_remote_code: boo
     return wanted_files(root, allow_pickle)
 
 
+# Bits per element of every dtype a safetensors header may name (the format's Dtype enum).
+_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+}
+
+
 def check_safetensors(path: Path, *, where: str) -> None:
     """Validate a safetensors file's header and length without loading it.
 
-    The format is an 8-byte little-endian header length, a JSON header whose ``data_offsets``
-    index into the byte buffer that follows; the file must end exactly at the last offset.
+    The format is an 8-byte little-endian header length, a JSON object mapping each tensor name
+    to ``{dtype, shape, data_offsets: [begin, end]}`` (plus an optional ``__metadata__`` of
+    strings), then the byte buffer. As the safetensors library itself requires when loading,
+    every tensor's byte span must equal its dtype's size times its element count, the spans must
+    tile the buffer with no gap or overlap, and the file must end exactly at the last one: a
+    header that lies is refused here (at resolve and fetch), not at baseline after it was cached.
 
     Raises:
         SourceError: truncated or corrupt file.
     """
     fix = "re-download or re-export the file"
-    size = path.stat().st_size
+
+    def corrupt(why: str) -> SourceError:
+        return SourceError(f"corrupt safetensors file {path.name}: {why}", where=where, fix=fix)
+
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise SourceError(f"corrupt safetensors file {path.name}: {size} bytes", where=where, fix=fix)
+                raise corrupt(f"{size} bytes")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, 100 * 1024 * 1024):
-                raise SourceError(f"corrupt safetensors file {path.name}: bad header length", where=where, fix=fix)
+                raise corrupt("bad header length")
             header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SourceError(f"corrupt safetensors file {path.name}: unreadable header", where=where, fix=fix) from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except OSError as e:
+        raise SourceError(f"cannot read {path.name}: {e.strerror or e}", where=where, fix="check the file") from None
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise corrupt("unreadable header") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise corrupt("__metadata__ is not a mapping of strings")
+            continue
+        spans.append((*_tensor_span(name, info, corrupt), name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise corrupt(f"tensor {name!r} starts at byte {begin} of the data, expected {end} "
+                          f"({'overlap' if begin < end else 'gap'})")
+        end = stop
     expected = 8 + n + end
     if size != expected:
         state = "truncated" if size < expected else "corrupt (trailing bytes)"
         raise SourceError(
             f"{state} safetensors file {path.name}: {size} bytes, header says {expected}", where=where, fix=fix
         )
+
+
+def _tensor_span(name: str, info, corrupt) -> tuple[int, int]:
+    """``(begin, end)`` of one header entry, after checking it describes its own size."""
+    if not isinstance(info, dict):
+        raise corrupt(f"tensor {name!r}: entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
+        raise corrupt(f"tensor {name!r}: unknown dtype {dtype!r}")
+
+    def is_count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        raise corrupt(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
+        raise corrupt(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+    begin, stop = offsets
+    elements = 1
+    for d in shape:
+        elements *= d
+    bits = elements * _DTYPE_BITS[dtype]
+    if bits % 8 or stop - begin != bits // 8:
+        raise corrupt(f"tensor {name!r}: {dtype} {shape} needs {bits / 8:g} bytes, data_offsets span {stop - begin}")
+    return begin, stop
+
+
+def _check_index(root: Path, name: str, present: set[str], where: str) -> None:
+    """A sharded checkpoint's index must map tensor names to shards that are in the folder."""
+    index = _read_json(root / name, where)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(f"{name} has no weight_map of tensor names to shard files", where=where,
+                          fix="re-download or re-export the checkpoint")
+    absent = sorted(set(weight_map.values()) - present)
+    if absent:
+        raise SourceError(f"{name} names shard(s) not in the folder: {', '.join(absent[:3])}", where=where,
+                          fix="download the missing shards")
+
+
+def _check_tokenizer(root: Path, names: list[str], where: str) -> None:
+    """A build tokenizes the eval text with the checkpoint's own tokenizer: say which file is
+    missing here rather than let transformers guess at a library later ("need sentencepiece")."""
+    present = set(names)
+    if "tokenizer.json" in present or "vocab.txt" in present or any(n.endswith(".model") for n in present):
+        return
+    if "vocab.json" in present and "merges.txt" in present:
+        return
+    if "vocab.json" in present:
+        raise SourceError(f"tokenizer incomplete in {root}: vocab.json without merges.txt", where=where,
+                          fix="copy the model's merges.txt (or tokenizer.json) into the folder")
+    raise SourceError(
+        f"no tokenizer in {root}: none of tokenizer.json, tokenizer.model, vocab.json + merges.txt",
+        where=where, fix="copy the model's tokenizer files (tokenizer.json, tokenizer_config.json) into the folder",
+    )
 
 
 def copy_files(src_root: Path, files: list[Path], dest: Path, *, link: bool) -> None:
@@ -134,8 +227,8 @@ def copy_files(src_root: Path, files: list[Path], dest: Path, *, link: bool) -> 
         shutil.copyfile(src, target)
 
 
-def _read_json(path: Path, where: str) -> dict:
+def _read_json(path: Path, where: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise SourceError(f"unreadable {path.name}: {e}", where=where, fix="re-download it") from None

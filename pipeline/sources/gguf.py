@@ -12,6 +12,21 @@ tokenizer the GGUF describes: no byte fallback, a byte-level decoder, the pre-to
 applies for the file's ``tokenizer.ggml.pre`` (for the names in ``_PRE_TOKENIZERS``), and the
 special tokens at the file's ids. Otherwise the baseline would tokenize text differently from the
 model's own tokenizer, and llama.cpp's converter would not recognise the tokenizer on the way back.
+
+For SentencePiece files (``tokenizer.ggml.model: llama``) transformers' import is not used at all:
+it drops the SentencePiece model, rebuilds BPE merges from the vocabulary on the fly and can yield
+a tokenizer that splits text differently (seen: into single characters). The file holds the whole
+SentencePiece vocabulary (pieces, scores, piece types), so the import writes it back as
+``tokenizer.model`` (``_sentencepiece_model``), builds the Hugging Face tokenizer from that file as
+transformers does for any SentencePiece checkpoint, and keeps the file in the checkpoint: llama.cpp's
+converter reads a SentencePiece vocabulary from it when the checkpoint is turned back into GGUF
+variants; without it the converter guesses from ``tokenizer.json``, which can fail (seen: "BPE
+pre-tokenizer was not recognized").
+
+Whatever the file, the tokenizer saved in the checkpoint is then read back and must match the
+GGUF's vocabulary id for id and tokenize a fixed text set exactly as llama.cpp does from the file
+itself (``pipeline.sources.tokenizer_check.match_gguf``); a library warning that the tokenizer is
+corrupt is an error too.
 """
 
 from __future__ import annotations
@@ -22,8 +37,10 @@ from pathlib import Path
 from pipeline.errors import SourceError
 from pipeline.hashing import sha256_file
 from pipeline.sources import ResolvedSource
+from pipeline.sources import tokenizer_check
 
-TOOLS = ("transformers", "gguf", "torch")
+# llama.cpp: the imported tokenizer is checked against llama.cpp's reading of the file.
+TOOLS = ("transformers", "gguf", "torch", "sentencepiece", "llama.cpp")
 
 
 def locate(source) -> Path:
@@ -69,9 +86,13 @@ def materialize(source, resolved: ResolvedSource, out_dir: Path) -> dict:
 
     path = locate(source)
     where = f"source {path.name}"
+    fields = _fields(path, where)
+    sentencepiece = _value(fields, "tokenizer.ggml.model") == "llama"
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with tokenizer_check.corruption_is_an_error(where):
+            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            # SentencePiece files: see the module docstring (the tokenizer is built from the file).
+            tokenizer = None if sentencepiece else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except ImportError as e:
         raise SourceError(f"cannot read GGUF: {e}", where=where, fix="pip install 'modelbuild[gguf]'") from None
     except (ValueError, KeyError, RuntimeError) as e:
@@ -93,9 +114,145 @@ def materialize(source, resolved: ResolvedSource, out_dir: Path) -> dict:
         )
     model.tie_weights()
     model.save_pretrained(out_dir)
-    tokenizer = _faithful_tokenizer(tokenizer, path)
-    tokenizer.save_pretrained(out_dir)
-    return {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())}
+    with tokenizer_check.corruption_is_an_error(where):
+        if sentencepiece:
+            tokenizer = _sentencepiece_tokenizer(fields, out_dir, where)
+        else:
+            tokenizer = _faithful_tokenizer(tokenizer, path, fields)
+        tokenizer.save_pretrained(out_dir)
+        # What every later stage loads: the saved files, not the object in memory.
+        saved = AutoTokenizer.from_pretrained(out_dir)
+    check = tokenizer_check.match_gguf(path, saved, _value(fields, "tokenizer.ggml.tokens"), where=where)
+    return {
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokenizer": {"gguf_model": _value(fields, "tokenizer.ggml.model"),
+                      "sentencepiece_model": (out_dir / "tokenizer.model").is_file(),
+                      "matches_llama_cpp": {k: check[k] for k in ("texts", "tokens", "mismatches")}},
+    }
+
+
+def _fields(path: Path, where: str):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path).fields
+    except (ValueError, OSError) as e:
+        raise SourceError(f"unreadable GGUF file: {e}", where=where, fix="re-download or re-export the file") from None
+
+
+def _value(fields, key: str):
+    return fields[key].contents() if key in fields else None
+
+
+# SentencePiece's piece types (sentencepiece_model.proto) have the numbers of llama.cpp's token
+# types (llama_token_type, which the converter copies from the SentencePiece model); llama.cpp's
+# UNDEFINED (0) is a plain piece.
+_PIECE_TYPES = {0: 1, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6}
+
+
+def _sentencepiece_model(fields, where: str) -> bytes:
+    """The SentencePiece model (``tokenizer.model``) a ``llama``-tokenizer GGUF file describes.
+
+    Neither transformers nor gguf-py writes one, so it is filled in through sentencepiece's own
+    protobuf classes: the pieces, scores and types in the file's order, a BPE model (what llama.cpp
+    runs for ``llama``: merges by score), byte fallback when the file has byte pieces, the file's
+    special ids, and the normalization llama.cpp applies to such files: none, except the leading
+    space (``tokenizer.ggml.add_space_prefix``) and spaces written as ``▁``.
+
+    Raises:
+        SourceError: the vocabulary is incomplete or not a valid SentencePiece model (e.g. a piece
+            listed twice).
+    """
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens = _value(fields, "tokenizer.ggml.tokens") or []
+    scores = _value(fields, "tokenizer.ggml.scores")
+    types = _value(fields, "tokenizer.ggml.token_type")
+    fix = "the file's tokenizer cannot be rebuilt; use the model's Hugging Face checkpoint instead"
+    if not tokens or scores is None or types is None or not len(tokens) == len(scores) == len(types):
+        raise SourceError("the GGUF's SentencePiece vocabulary is incomplete (tokens, scores and token types "
+                          "must all be present, one per token)", where=where, fix=fix)
+    seen: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        if token in seen:
+            raise SourceError(f"the GGUF's vocabulary lists {token!r} twice (ids {seen[token]} and {i}): a tokenizer "
+                              "built from it would have holes", where=where, fix=fix)
+        seen[token] = i
+    proto = pb.ModelProto()
+    for token, score, kind in zip(tokens, scores, types):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = token, float(score), _PIECE_TYPES.get(int(kind), 1)
+    spec = proto.trainer_spec
+    spec.model_type = pb.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = any(int(t) == 6 for t in types)
+    for name, key in (("unk", "unknown_token_id"), ("bos", "bos_token_id"), ("eos", "eos_token_id"),
+                      ("pad", "padding_token_id")):
+        index = _value(fields, f"tokenizer.ggml.{key}")
+        if index is not None and 0 <= int(index) < len(tokens):
+            setattr(spec, f"{name}_id", int(index))
+            setattr(spec, f"{name}_piece", tokens[int(index)])
+        else:
+            setattr(spec, f"{name}_id", -1)
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    add_space = _value(fields, "tokenizer.ggml.add_space_prefix")
+    norm.add_dummy_prefix = True if add_space is None else bool(add_space)  # llama.cpp's default for llama
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    data = proto.SerializeToString()
+    try:
+        SentencePieceProcessor(model_proto=data)
+    except (RuntimeError, OSError) as e:
+        raise SourceError(f"the GGUF's vocabulary is not a valid SentencePiece model: {e}", where=where,
+                          fix=fix) from None
+    return data
+
+
+def _sentencepiece_tokenizer(fields, out_dir: Path, where: str):
+    """``tokenizer.model`` written into ``out_dir`` and the Hugging Face tokenizer built from it.
+
+    transformers builds the vocabulary and merges from the file (as for any SentencePiece
+    checkpoint); the text handling is then set to what SentencePiece and llama.cpp do, which
+    ``LlamaTokenizer``'s own differs from: the ``▁`` prefix goes before every text (and, as in
+    llama.cpp, after each special token), also one that starts with a space, where
+    ``LlamaTokenizer``'s Metaspace adds none (``" "`` would be ``[▁]``, not ``[▁, ▁]``). The result
+    is saved as a plain tokenizers tokenizer: ``LlamaTokenizer`` would rebuild its own text
+    handling when loaded.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    (out_dir / "tokenizer.model").write_bytes(_sentencepiece_model(fields, where))
+    tokens = _value(fields, "tokenizer.ggml.tokens")
+    specials = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")):
+        index = _value(fields, f"tokenizer.ggml.{key}")
+        if index is not None and 0 <= int(index) < len(tokens):
+            specials[name] = tokens[int(index)]
+    add_space = _value(fields, "tokenizer.ggml.add_space_prefix")
+    add_space = True if add_space is None else bool(add_space)  # llama.cpp's default for llama files
+    add_bos = _value(fields, "tokenizer.ggml.add_bos_token")
+    flags = {"add_bos_token": True if add_bos is None else bool(add_bos),
+             "add_eos_token": bool(_value(fields, "tokenizer.ggml.add_eos_token"))}
+    spm = LlamaTokenizer.from_pretrained(out_dir, **flags, **specials)
+    backend = Tokenizer.from_str(spm.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Sequence(
+        ([normalizers.Prepend("▁")] if add_space else []) + [normalizers.Replace(" ", "▁")]
+    )
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(content=" ", left=1)] if add_space else [])
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **flags, **specials)
+    template = _value(fields, "tokenizer.chat_template")
+    if template:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
@@ -108,16 +265,15 @@ _PRE_TOKENIZERS = {
 }
 
 
-def _faithful_tokenizer(tokenizer, path: Path):
+def _faithful_tokenizer(tokenizer, path: Path, fields=None):
     """The tokenizer the GGUF file describes (see the module docstring); others pass through."""
     import json
 
-    from gguf import GGUFReader
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer
 
-    fields = GGUFReader(path).fields
-    value = lambda key: fields[key].contents() if key in fields else None  # noqa: E731
+    fields = fields if fields is not None else _fields(path, f"source {path.name}")
+    value = lambda key: _value(fields, key)  # noqa: E731
     pre = value("tokenizer.ggml.pre")
     if value("tokenizer.ggml.model") != "gpt2" or pre not in _PRE_TOKENIZERS:
         return tokenizer

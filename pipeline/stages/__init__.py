@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 
 VERSIONS: dict[str, int] = {
-    "fetch": 2,
-    "baseline": 2,
+    "fetch": 3,
+    "baseline": 3,
     "quantize": 2,
     "evaluate": 2,
     "gate": 1,

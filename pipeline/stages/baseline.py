@@ -2,6 +2,11 @@
 
 See ``pipeline.quality.reference`` for what is stored. The token windows are stored too, so
 every variant is scored on exactly the same ids.
+
+Two plausibility bounds refuse an absurd baseline (``pipeline.sources.tokenizer_check``): the
+tokenizer must not cut the eval text into single characters (checked before the forward pass),
+and the perplexity must be below twice the vocabulary size (a uniform guess scores exactly the
+vocabulary size).
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ from pathlib import Path
 
 from pipeline.quality.corpus import read_text, token_windows
 from pipeline.quality.reference import write_reference
+from pipeline.sources import tokenizer_check
+
+# The granularity check reads this much of the eval text: thousands of tokens, a stable ratio.
+_SAMPLE_CHARS = 20_000
 
 
 def run(ctx, stage, inputs, out: Path) -> dict:
@@ -21,12 +30,16 @@ def run(ctx, stage, inputs, out: Path) -> dict:
     checkpoint = inputs["fetch"].data
     trust = ctx.recipe.source.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust)
-    windows = token_windows(
-        read_text(ev.corpus, what="eval.corpus"), tokenizer, tokens=ev.tokens, seq_len=ev.seq_len, where="eval.corpus"
-    )
+    text = read_text(ev.corpus, what="eval.corpus")
+    windows = token_windows(text, tokenizer, tokens=ev.tokens, seq_len=ev.seq_len, where="eval.corpus")
+    # After the windows (a corpus too short is reported as such), before the forward pass.
+    granularity = tokenizer_check.check_granularity(text[:_SAMPLE_CHARS], tokenizer, what="the eval text",
+                                                    where="baseline")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=trust)
     model.to(ctx.device).eval()
     started = time.perf_counter()
     with ctx.reporter.steps("baseline forward", windows.shape[0]) as advance:
         facts = write_reference(out, model, windows, top_k=ev.top_k, device=ctx.device, advance=advance)
-    return {**facts, "device": ctx.device, "forward_seconds": round(time.perf_counter() - started, 3)}
+    tokenizer_check.check_baseline_perplexity(facts["ppl"], facts["vocab"], where="baseline")
+    return {**facts, "eval_granularity": granularity, "device": ctx.device,
+            "forward_seconds": round(time.perf_counter() - started, 3)}

@@ -3,7 +3,7 @@ every GGUF variant's gate when it fails:
 
 - tokenizer: llama.cpp's tokenizer (from the GGUF's vocabulary) gives the same ids as the
   checkpoint's Hugging Face tokenizer on the whole eval text and on awkward strings (whitespace
-  runs, unicode, digits, special tokens);
+  runs, unicode, digits, special tokens) (``pipeline.sources.tokenizer_check.compare_tokenizers``);
 - conversion: the F16 file's next-token distributions, computed by llama.cpp, match the baseline's
   (mean KL divergence at most ``max_kld``).
 """
@@ -16,7 +16,8 @@ from pipeline.backends import llamacpp
 from pipeline.quality.corpus import read_text
 from pipeline.quality.reference import Reference
 from pipeline.quality.runner import window_logprobs
-from pipeline.toolchains import llamacpp as toolchain
+# Shared with the fetch stage, which runs the same comparison for GGUF sources.
+from pipeline.sources.tokenizer_check import compare_tokenizers
 
 
 def run(ctx, stage, inputs, out: Path) -> dict:
@@ -52,26 +53,3 @@ def run(ctx, stage, inputs, out: Path) -> dict:
         ],
     }
 
-
-def compare_tokenizers(model: Path, hf, texts: list[str]) -> dict:
-    """Token ids of each text from llama.cpp (the GGUF's vocabulary) and from ``hf``.
-
-    Returns:
-        ``{texts, tokens, mismatches, first: [{text, position, gguf, hf}]}`` (first three).
-    """
-    llama_cpp = toolchain.import_bindings(toolchain.find())
-    vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
-    try:
-        first, mismatches, total = [], 0, 0
-        for text in texts:
-            ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            theirs = hf(text, add_special_tokens=False)["input_ids"]
-            total += len(theirs)
-            if ours != theirs:
-                mismatches += 1
-                at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-                if len(first) < 3:
-                    first.append({"text": text[:60], "position": at, "gguf": ours[at : at + 5], "hf": theirs[at : at + 5]})
-    finally:
-        vocab.close()
-    return {"texts": len(texts), "tokens": total, "mismatches": mismatches, "first": first}

@@ -28,6 +28,5 @@ def run(ctx, stage, inputs, out=None) -> dict:
         manifest=manifest,
         # The card shows the final serve commands and version, known once publish fills them in.
         extra_files=lambda final: {**profile_files(profiles), "README.md": model_card(final, stage.params.get("base_model"))},
-        link=ctx.recipe.publish.hardlink,
-        known=inputs[f"quantize/{name}"].entry.record["files"],
+        expected=inputs[f"quantize/{name}"].entry.record["files"],
     )

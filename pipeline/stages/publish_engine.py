@@ -30,5 +30,5 @@ def run(ctx, stage, inputs, out=None) -> dict:
     })
     return publish_variant(
         ctx.storage(), model=stage.params["model"], variant=stage.params["name"], build_key=stage.key,
-        files_from=built.data / "engine", manifest=manifest, link=ctx.recipe.publish.hardlink,
+        files_from=built.data / "engine", manifest=manifest,
     )

@@ -24,6 +24,18 @@ from typing import Any, Callable
 Records = list[dict[str, Any]]
 
 
+def check_expected(record: dict[str, Any], expected: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """``record`` (what was written) if it agrees with the cache's record of the same path."""
+    want = (expected or {}).get(record["path"])
+    if want is not None and (want["size"], want["sha256"]) != (record["size"], record["sha256"]):
+        from pipeline.errors import IntegrityError
+
+        raise IntegrityError(f"{record['path']} changed in the stage cache after it was checked "
+                             f"(sha256 {record['sha256'][:12]}…, cache says {want['sha256'][:12]}…)",
+                             where="publish", fix="nothing was published; rerun to rebuild the cache entry")
+    return record
+
+
 class Storage(ABC):
     """A storage root. ``url`` is what users see (never credentials)."""
 
@@ -63,14 +75,18 @@ class Storage(ABC):
 
     @abstractmethod
     def publish_tree(self, source: Path, rel: str, extra: dict[str, bytes], make_manifest: Callable[[Records], bytes],
-                     *, link: bool, known: dict[str, dict[str, Any]] | None = None) -> None:
+                     *, expected: dict[str, dict[str, Any]] | None = None) -> bool:
         """Make ``rel`` a complete version: ``source``'s files, ``extra`` (relative path → bytes;
         it replaces a source file of the same name) and, last, ``manifest.json`` =
         ``make_manifest(records of every file)``. On failure nothing of it stays visible.
 
-        ``known`` (path → ``{path, size, sha256}``) are the files' records from the stage cache,
-        whose entries are immutable: they are taken as they are instead of hashing the same
-        bytes again (files without one are hashed)."""
+        Every record is the size and sha256 of the bytes this call wrote (or uploaded), never a
+        record taken from elsewhere. ``expected`` (path → ``{path, size, sha256}``) are the
+        stage cache's records of ``source``: a file whose written bytes differ from them is an
+        IntegrityError (the cache entry changed after it was checked), nothing is published.
+
+        Returns True when this call made the version, False when a complete version already
+        stood at ``rel`` (a concurrent publisher of the same build won; its files are kept)."""
 
     @abstractmethod
     def download(self, rel: str, target: Path) -> str | None:
@@ -84,6 +100,10 @@ class Storage(ABC):
     @abstractmethod
     def incomplete_versions(self, rel: str) -> list[str]:
         """Leftovers of interrupted publishes under a variant folder (names to delete)."""
+
+    @abstractmethod
+    def modified(self, rel: str) -> float | None:
+        """When anything under ``rel`` last changed (epoch seconds; None when nothing is there)."""
 
     def unfinished_uploads(self, rel: str) -> list[tuple[str, str, float]]:
         """Uploads under ``rel`` that were started and never completed, as ``(path, upload id,

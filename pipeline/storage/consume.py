@@ -8,6 +8,7 @@ import json
 import re
 import secrets
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,9 +19,10 @@ from pipeline.errors import IntegrityError, StorageError
 from pipeline.hashing import sha256_file
 from pipeline.storage.base import Storage
 from pipeline.storage.location import check_name
+from pipeline.storage.manifest import file_problems
 from pipeline.storage.refs import Ref
 from pipeline.storage.registry import (
-    INDEX, MANIFEST, channels, read_index, remove_entries, resolve, versions,
+    CLAIMS, INDEX, MANIFEST, pinned_versions, read_index, remove_entries, resolve, versions,
 )
 
 ENGINES = {"vllm": "vllm", "trtllm": "trtllm", "trtllm-engine": "trtllm-engine", "llamacpp": "llama.cpp",
@@ -94,21 +96,51 @@ def select(index: dict[str, Any], *, engine: str, gpu: str, max_gb: float | None
 # -- pull and verify ----------------------------------------------------------------------------
 
 
-def _check_index_digest(storage: Storage, model: str, variant: str, version: str, raw: bytes) -> None:
+def index_problem(storage: Storage, model: str, variant: str, version: str, raw: bytes) -> str | None:
+    """How the manifest ``raw`` disagrees with its registry entry (None: it agrees, or the
+    version is not indexed yet: a publisher killed before registering it, completed by a rerun)."""
     from pipeline.hashing import digest_bytes
 
     for e in read_index(storage).get("entries", []):
         if (e["model"], e["variant"], e["version"]) == (model, variant, version):
             if e.get("manifest_sha256") != digest_bytes(raw):
-                raise IntegrityError(f"manifest of {model}/{variant}@{version} does not match its registry entry "
-                                     f"(sha256 {digest_bytes(raw)[:12]}…, index says {str(e.get('manifest_sha256'))[:12]}…)",
-                                     fix="the store was changed by hand: republish the variant or run `modelbuild reindex`")
-            return
+                return (f"manifest of {model}/{variant}@{version} does not match its registry entry "
+                        f"(sha256 {digest_bytes(raw)[:12]}…, index says {str(e.get('manifest_sha256'))[:12]}…)")
+            return None
+    return None
+
+
+def verify(storage: Storage, ref: Ref, *, against_index: bool = True) -> tuple[str, str, list[str]]:
+    """The one check behind ``verify`` and ``reindex``, the same ``pull`` makes before moving
+    anything into place: the manifest parses and its paths stay inside the version folder
+    (:func:`~pipeline.storage.manifest.parse_manifest`), its bytes equal the index's record, and
+    every file has its recorded size and sha256 (no file missing, none extra on a filesystem).
+
+    ``against_index=False`` leaves the index out (``reindex``, which is rebuilding it).
+
+    Returns:
+        ``(version, location, problems)``; no problems means the version is whole.
+    """
+    version, manifest, raw = resolve(storage, ref)
+    rel = f"{ref.model}/{ref.variant}/{version}"
+    problems = [p for p in [against_index and index_problem(storage, ref.model, ref.variant, version, raw)] if p]
+    local = storage.local_path(rel)
+    if local is not None:
+        problems += file_problems(local, manifest)
+    else:  # a remote store: stream every file through a checked pull into a scratch folder
+        scratch = Path(tempfile.mkdtemp(prefix="modelbuild-verify-"))
+        try:
+            _download_checked(storage, rel, manifest, scratch)
+        except IntegrityError as e:
+            problems.append(e.message)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return version, storage.location(rel), problems
 
 
 def pull(storage: Storage, ref: Ref, dest: Path, *, jobs: int = 8) -> dict[str, Any]:
     """Download a published version into ``dest``, every file checked against the manifest's
-    sha256 before the folder is moved into place.
+    sha256 before the folder is moved into place (the checks of :func:`verify`).
 
     Files land in ``.<dest name>.partial-<version>`` beside ``dest``: an interrupted pull
     resumes there (files already complete and correct are kept), a mismatch removes it.
@@ -118,20 +150,31 @@ def pull(storage: Storage, ref: Ref, dest: Path, *, jobs: int = 8) -> dict[str, 
         IntegrityError: a file or the manifest does not match.
     """
     version, manifest, raw = resolve(storage, ref)
-    _check_index_digest(storage, ref.model, ref.variant, version, raw)
-    base = f"{ref.model}/{ref.variant}/{version}"
-    for record in manifest["files"]:
-        # A manifest is data from the store: its paths must stay inside the destination.
-        parts = Path(record["path"]).parts
-        if not parts or Path(record["path"]).is_absolute() or ".." in parts:
-            raise IntegrityError(f"manifest of {base} lists an unsafe path {record['path']!r}",
-                                 fix="the store was tampered with: republish the variant")
+    problem = index_problem(storage, ref.model, ref.variant, version, raw)
+    if problem:
+        raise IntegrityError(problem, fix="the store was changed by hand: republish the variant "
+                                          "(`modelbuild reindex` indexes only versions whose files match)")
     dest = Path(dest).resolve()
     if dest.exists() and any(dest.iterdir()):
         if (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == raw:
             return {"status": "already pulled", "path": str(dest), "version": version, "files": len(manifest["files"])}
         raise StorageError(f"{dest} exists and is not empty", where="DEST", fix="give a new or empty folder")
     partial = dest.with_name(f".{dest.name}.partial-{version}")
+    started = time.perf_counter()
+    _download_checked(storage, f"{ref.model}/{ref.variant}/{version}", manifest, partial, jobs=jobs)
+    (partial / MANIFEST).write_bytes(raw)
+    if dest.exists():
+        dest.rmdir()
+    partial.rename(dest)
+    size = sum(r["size"] for r in manifest["files"])
+    return {"status": "pulled", "path": str(dest), "version": version, "files": len(manifest["files"]),
+            "bytes": size, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _download_checked(storage: Storage, base: str, manifest: dict[str, Any], partial: Path, *, jobs: int = 8) -> None:
+    """Every file of a checked manifest into ``partial``, each sha256-checked (files already
+    there and correct are kept: a resumed pull); IntegrityError, and ``partial`` removed, on a
+    mismatch."""
     partial.mkdir(parents=True, exist_ok=True)
 
     def fetch(record: dict[str, Any]) -> str | None:
@@ -145,27 +188,21 @@ def pull(storage: Storage, ref: Ref, dest: Path, *, jobs: int = 8) -> dict[str, 
             if digest != record["sha256"]:
                 return record["path"]
             tmp.replace(target)
+        except FileNotFoundError:
+            return record["path"]
         finally:
             tmp.unlink(missing_ok=True)
         return None
 
-    started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         bad = [p for p in pool.map(fetch, manifest["files"]) if p is not None]
     if bad:
         shutil.rmtree(partial, ignore_errors=True)
-        raise IntegrityError(f"{len(bad)} file(s) of {ref.model}/{ref.variant}@{version} do not match the manifest: "
-                             f"{', '.join(bad[:5])}", fix="nothing was kept; the stored copy is damaged: republish it")
+        raise IntegrityError(f"{len(bad)} file(s) of {base} do not match the manifest: {', '.join(bad[:5])}",
+                             fix="nothing was kept; the stored copy is damaged: republish it")
     expected = {r["path"] for r in manifest["files"]} | {MANIFEST}
     for stray in [p for p in partial.rglob("*") if p.is_file() and p.relative_to(partial).as_posix() not in expected]:
         stray.unlink()
-    (partial / MANIFEST).write_bytes(raw)
-    if dest.exists():
-        dest.rmdir()
-    partial.rename(dest)
-    size = sum(r["size"] for r in manifest["files"])
-    return {"status": "pulled", "path": str(dest), "version": version, "files": len(manifest["files"]),
-            "bytes": size, "seconds": round(time.perf_counter() - started, 3)}
 
 
 # -- channels and retention ---------------------------------------------------------------------
@@ -194,14 +231,20 @@ def gc(storage: Storage, *, keep: int, model: str | None = None, grace_s: float 
     for m in models:
         for variant in storage.list_dir(m):
             known = versions(storage, m, variant)
-            pinned = set(channels(storage, m, variant).values())
+            # Every channel is read before anything is chosen: a malformed one stops gc (exit 5)
+            # rather than be skipped, and a version in a channel's history stays for rollback.
+            pinned = pinned_versions(storage, m, variant)
             for version in known[:-keep]:
                 if version not in pinned:
                     deleted.append(f"{m}/{variant}/{version}")
                     gone.add((m, variant, version))
             for leftover in storage.incomplete_versions(f"{m}/{variant}"):
-                age = _age_s(leftover)
-                if age is not None and age > grace_s:
+                # The younger of its name's time and its last change: a rerun publishing into a
+                # version name claimed long ago is busy now, whatever its name says.
+                changed = storage.modified(f"{m}/{variant}/{leftover}")
+                ages = [a for a in (_age_s(leftover), None if changed is None else time.time() - changed)
+                        if a is not None]
+                if ages and min(ages) > grace_s:
                     deleted.append(f"{m}/{variant}/{leftover}")
     aborts = []
     for m in models:
@@ -220,7 +263,22 @@ def gc(storage: Storage, *, keep: int, model: str | None = None, grace_s: float 
         remove_entries(storage, gone)  # first: a reader never finds an indexed version missing
     for rel in deleted:
         storage.delete_tree(rel)
+    _drop_claims(storage, gone)
     return listed
+
+
+def _drop_claims(storage: Storage, gone: set[tuple[str, str, str]]) -> None:
+    """Forget the version names claimed for deleted versions, so that rebuilding one of their
+    builds publishes a new version (named now) instead of reviving the old name."""
+    for m, variant in {(m, v) for m, v, _version in gone}:
+        for name in storage.list_dir(f"{m}/{variant}/{CLAIMS}"):
+            rel = f"{m}/{variant}/{CLAIMS}/{name}"
+            try:
+                claimed = json.loads(storage.read_bytes(rel)).get("version")
+            except (FileNotFoundError, ValueError, AttributeError):
+                continue
+            if (m, variant, claimed) in gone:
+                storage.delete_tree(rel)
 
 
 def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:

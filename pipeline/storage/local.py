@@ -1,17 +1,18 @@
 """A storage root on a local or NFS-mounted filesystem, through fsspec's local filesystem.
 
 Versions are assembled in a dot-prefixed staging folder beside their final place and appear by
-one ``rename``. Compare-and-swap holds an exclusive ``flock`` on a lock file beside the object
+one ``rename``; when two publishers race to the same version, the second rename fails and the
+first version stands. Compare-and-swap holds an exclusive ``flock`` on a lock file beside the object
 (Linux maps it to POSIX byte-range locks on NFS, which NFSv4 servers arbitrate) and replaces the
 object by rename, so an interrupted writer leaves the old object whole.
 
-Files come from the stage cache, whose entries are immutable: on the same filesystem a published
-file is a hard link to the cached one, made read-only (as DVC links its cache), instead of a
-second copy.
+Published files are copies, never links to the stage cache: a hard link shares one inode, so a
+write through the cache (or through the store) would change bytes a manifest vouches for.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
@@ -22,8 +23,8 @@ from typing import Any, Callable
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import StorageError
-from pipeline.hashing import digest_bytes, list_tree, parallel_map, sha256_file
-from pipeline.storage.base import Records, Storage
+from pipeline.hashing import copy_hashed, digest_bytes, list_tree, parallel_map
+from pipeline.storage.base import Records, Storage, check_expected
 
 MANIFEST = "manifest.json"
 STAGING = ".staging-"
@@ -113,23 +114,17 @@ class LocalStorage(Storage):
         return self._path(rel).exists()
 
     def publish_tree(self, source: Path, rel: str, extra: dict[str, bytes], make_manifest: Callable[[Records], bytes],
-                     *, link: bool, known: dict[str, dict[str, Any]] | None = None) -> None:
+                     *, expected: dict[str, dict[str, Any]] | None = None) -> bool:
         final = self._path(rel)
         staging = final.with_name(f"{STAGING}{final.name}-{secrets.token_hex(4)}")
-        known = known or {}
 
         def put(rel_path: Path) -> dict[str, Any]:
-            src, dst, posix = source / rel_path, staging / rel_path, rel_path.as_posix()
+            dst, posix = staging / rel_path, rel_path.as_posix()
             dst.parent.mkdir(parents=True, exist_ok=True)
-            size, record = src.stat().st_size, known.get(posix)
-            if link and _link(src, dst):
-                if record is not None and record["size"] == size:
-                    return record
-                return {"path": posix, "size": size, "sha256": sha256_file(dst)}
-            shutil.copyfile(src, dst)  # in-kernel copy (copy_file_range/sendfile), as cp does
-            if record is not None and record["size"] == size:
-                return record  # the cache entry's own record of these bytes: no second hash
-            return {"path": posix, "size": size, "sha256": sha256_file(dst)}
+            # A copy, never a link: a link would let a later write to either name change bytes
+            # this version's manifest vouches for. The digest is of the bytes written.
+            size, sha = copy_hashed(source / rel_path, dst)
+            return check_expected({"path": posix, "size": size, "sha256": sha}, expected)
 
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +135,18 @@ class LocalStorage(Storage):
                 (staging / name).write_bytes(data)
                 records.append({"path": name, "size": len(data), "sha256": digest_bytes(data)})
             self._replace(staging / MANIFEST, make_manifest(sorted(records, key=lambda r: r["path"])))
-            os.rename(staging, final)
+            for path in staging.rglob("*"):
+                if path.is_file():  # published bytes are not to be edited in place
+                    os.chmod(path, path.stat().st_mode & ~0o222)
+            try:
+                os.rename(staging, final)
+            except OSError as e:
+                # Another publisher of the same version got there first (rename onto a folder
+                # that is not empty fails): theirs stands, built from the same cache entry.
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and (final / MANIFEST).is_file():
+                    return False
+                raise
+            return True
         except OSError as e:
             raise StorageError(f"publishing to {final.parent} failed: {e}", where="publish",
                                fix="check the storage root (space, permissions)") from e
@@ -159,16 +165,13 @@ class LocalStorage(Storage):
         elif path.exists():
             path.unlink()
 
+    def modified(self, rel: str) -> float | None:
+        base = self._path(rel)
+        try:
+            return max([base.stat().st_mtime] + [p.stat().st_mtime for p in base.rglob("*")])
+        except FileNotFoundError:
+            return None
+
     def incomplete_versions(self, rel: str) -> list[str]:
         return [n for n in self.list_dir(rel) if n.startswith(STAGING)]
 
-
-def _link(src: Path, dst: Path) -> bool:
-    """Hard-link ``src`` (read-only from then on) where the filesystem allows; False otherwise."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        return False
-    # The link shares the cache's inode: writing through either name would change both.
-    os.chmod(dst, os.stat(dst).st_mode & ~0o222)
-    return True

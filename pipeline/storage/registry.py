@@ -14,22 +14,30 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from typing import Any, Callable
 
 from pipeline.errors import IntegrityError, StorageError
 from pipeline.hashing import digest_bytes
 from pipeline.storage.base import Storage
+from pipeline.storage.manifest import parse_manifest
 from pipeline.storage.refs import Ref
 
 INDEX = "index.json"
 INDEX_FORMAT = 1
 MANIFEST = "manifest.json"
+CLAIMS = ".claims"  # per variant: build key -> the version name its first publisher chose
+_VERSION = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{12}$")
 _ATTEMPTS = 200  # 8 racing publishers settle in a handful; this bounds a pathological store
 
 
-def update(storage: Storage, rel: str, change: Callable[[Any], Any], empty: Callable[[], Any]) -> Any:
+def update(storage: Storage, rel: str, change: Callable[[Any], Any], empty: Callable[[], Any], *,
+           repair: bool = False) -> Any:
     """Apply ``change`` to the JSON object at ``rel`` by compare-and-swap; returns the new value.
+
+    A malformed object is an IntegrityError, never overwritten, unless ``repair`` (``reindex``
+    rebuilding the index from the manifests, which are the truth).
 
     Raises:
         StorageError: the object kept changing under us for every attempt.
@@ -39,8 +47,12 @@ def update(storage: Storage, rel: str, change: Callable[[Any], Any], empty: Call
         try:
             current = json.loads(data) if data is not None else empty()
         except ValueError:
-            raise IntegrityError(f"{storage.location(rel)} is not valid JSON",
-                                 fix="restore it from a backup or rebuild it with `modelbuild reindex`") from None
+            current = None
+        if not repair and (not isinstance(current, dict) or (rel == INDEX and _index_problem(current))):
+            # Never overwrite what cannot be read: its content might be the only record of it.
+            raise IntegrityError(f"{storage.location(rel)} is malformed (not the JSON object modelbuild writes)",
+                                 fix="restore it from a backup" + (" or rebuild it with `modelbuild reindex`"
+                                                                    if rel == INDEX else ", or delete it by hand"))
         new = change(current)
         if data is not None and new == current:
             return new  # nothing to change (a rerun re-registering what is there): no write
@@ -96,9 +108,37 @@ def read_index(storage: Storage) -> dict[str, Any]:
     try:
         index = json.loads(data)
     except ValueError:
-        raise IntegrityError(f"{storage.location(INDEX)} is not valid JSON",
-                             fix="rebuild it with `modelbuild reindex`") from None
+        index = None
+    problem = _index_problem(index)
+    if problem:
+        raise IntegrityError(f"{storage.location(INDEX)} is malformed: {problem}",
+                             fix="rebuild it with `modelbuild reindex`")
     return index
+
+
+def _index_problem(index: Any) -> str | None:
+    """What makes ``index`` unusable, or None. Readers rely on these keys; anything else in an
+    entry is optional and read with defaults."""
+    if not isinstance(index, dict):
+        return "not a JSON object"
+    entries = index.get("entries")
+    if not isinstance(entries, list):
+        return "no list of entries"
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            return f"entry {i} is not an object"
+        for key in ("model", "variant", "version"):
+            if not isinstance(e.get(key), str):
+                return f"entry {i} has no {key}"
+        for key, kind in (("engines", list), ("metrics", dict), ("gate", dict), ("gpus", dict)):
+            if key in e and not isinstance(e[key], kind):
+                return f"entry {i}: {key} is not a {kind.__name__}"
+    return None
+
+
+def is_version_name(name: str) -> bool:
+    """True for a version name modelbuild writes (UTC time, build key prefix)."""
+    return bool(_VERSION.match(name))
 
 
 def add_entry(storage: Storage, entry: dict[str, Any]) -> None:
@@ -119,19 +159,39 @@ def remove_entries(storage: Storage, idents: set[tuple[str, str, str]]) -> None:
     update(storage, INDEX, change, _empty_index)
 
 
-def reindex(storage: Storage) -> dict[str, Any]:
-    """Rebuild the index from the manifests in the store (the manifests are the truth)."""
-    entries = []
+def reindex(storage: Storage, check: Callable[[str, str, str], list[str]]) -> tuple[dict[str, Any], list[str]]:
+    """Rebuild the index from the manifests in the store (the manifests are the truth), indexing
+    only versions whose manifest is well-formed and whose files match it.
+
+    Args:
+        check: ``(model, variant, version) -> problems`` (the same checker ``verify`` uses).
+
+    Returns:
+        ``(index, lines)``: one line per version left out, saying why.
+    """
+    entries, left_out = [], []
     for model in storage.list_dir(""):
         if model.startswith(".") or model == INDEX or not storage.list_dir(model):
             continue
         for variant in storage.list_dir(model):
             for version in versions(storage, model, variant):
-                data = storage.read_bytes(f"{model}/{variant}/{version}/{MANIFEST}")
-                entries.append(entry_from_manifest(json.loads(data), data))
+                ref = f"{model}/{variant}@{version}"
+                try:
+                    raw = storage.read_bytes(f"{model}/{variant}/{version}/{MANIFEST}")
+                    manifest = parse_manifest(raw, ref)
+                    problems = check(model, variant, version)
+                except IntegrityError as e:
+                    problems = [e.message]
+                if not problems and (manifest.get("model"), manifest.get("variant"), manifest.get("version")) != (
+                        model, variant, version):
+                    problems = ["its manifest names another model, variant or version"]
+                if problems:
+                    left_out.append(f"{ref}: {'; '.join(problems[:3])}")
+                    continue
+                entries.append(entry_from_manifest(manifest, raw))
     index = {"format": INDEX_FORMAT, "entries": entries}
-    update(storage, INDEX, lambda _old: index, _empty_index)
-    return index
+    update(storage, INDEX, lambda _old: index, _empty_index, repair=True)
+    return index, left_out
 
 
 def versions(storage: Storage, model: str, variant: str) -> list[str]:
@@ -148,20 +208,61 @@ def channel_rel(model: str, variant: str, channel: str) -> str:
     return f"{model}/{variant}/channels/{channel}.json"
 
 
+def read_channel(storage: Storage, model: str, variant: str, channel: str) -> dict[str, Any] | None:
+    """A channel's pointer ``{version, history, ...}``; None when there is no such channel.
+
+    Raises:
+        IntegrityError: the channel file exists but is not a pointer modelbuild wrote. Callers
+            fail closed on it: a version an unreadable channel might name is never deleted.
+    """
+    rel = channel_rel(model, variant, channel)
+    try:
+        data = storage.read_bytes(rel)
+    except FileNotFoundError:
+        return None
+    try:
+        pointer = json.loads(data)
+    except ValueError:
+        pointer = None
+    if not (isinstance(pointer, dict) and isinstance(pointer.get("version"), str)
+            and isinstance(pointer.get("history", []), list)
+            and all(isinstance(v, str) for v in pointer.get("history", []))):
+        raise IntegrityError(f"channel file {storage.location(rel)} is malformed",
+                             fix=f"restore it, or delete it and promote again: modelbuild promote "
+                                 f"{model}/{variant}@VERSION --channel {channel}")
+    return pointer
+
+
+def channel_names(storage: Storage, model: str, variant: str) -> list[str]:
+    return [n[:-5] for n in storage.list_dir(f"{model}/{variant}/channels") if n.endswith(".json") and not n.startswith(".")]
+
+
 def channels(storage: Storage, model: str, variant: str) -> dict[str, str]:
-    """``{channel: version}`` of one variant."""
+    """``{channel: version}`` of one variant (IntegrityError on a malformed channel file)."""
     out = {}
-    for name in storage.list_dir(f"{model}/{variant}/channels"):
-        if name.endswith(".json") and not name.startswith("."):
-            try:
-                out[name[:-5]] = json.loads(storage.read_bytes(channel_rel(model, variant, name[:-5])))["version"]
-            except (FileNotFoundError, ValueError, KeyError):
-                continue
+    for name in channel_names(storage, model, variant):
+        pointer = read_channel(storage, model, variant, name)
+        if pointer is not None:
+            out[name] = pointer["version"]
     return out
+
+
+def pinned_versions(storage: Storage, model: str, variant: str) -> set[str]:
+    """Every version a channel names now, and every version in the history of a promoted channel
+    (what ``rollback`` may return to). ``latest`` moves on every publish, so its history is the
+    publish log itself: it pins only its current version, or no version would ever be collected."""
+    pinned: set[str] = set()
+    for name in channel_names(storage, model, variant):
+        pointer = read_channel(storage, model, variant, name)
+        if pointer is not None:
+            pinned |= {pointer["version"], *(pointer.get("history", []) if name != "latest" else [])}
+    return pinned
 
 
 def move_channel(storage: Storage, model: str, variant: str, channel: str, version: str) -> dict[str, Any]:
     """Point ``channel`` at ``version``, keeping where it pointed before (for ``rollback``)."""
+
+    read_channel(storage, model, variant, channel)  # a malformed pointer stops here, untouched
 
     def change(old: dict[str, Any]) -> dict[str, Any]:
         history = list(old.get("history", []))
@@ -176,6 +277,7 @@ def move_channel(storage: Storage, model: str, variant: str, channel: str, versi
 def rollback_channel(storage: Storage, model: str, variant: str, channel: str) -> dict[str, Any]:
     """Move ``channel`` back to the newest earlier version that still exists."""
     existing = set(versions(storage, model, variant))
+    read_channel(storage, model, variant, channel)  # a malformed pointer stops here, untouched
 
     def change(old: dict[str, Any]) -> dict[str, Any]:
         if not old:
@@ -224,8 +326,5 @@ def resolve(storage: Storage, ref: Ref) -> tuple[str, dict[str, Any], bytes]:
         if version not in known:
             raise StorageError(f"channel {at!r} of {base} points at version {version}, which no longer exists",
                                fix=f"promote another version: modelbuild promote {base}@VERSION --channel {at}")
-    try:
-        raw = storage.read_bytes(f"{base}/{version}/{MANIFEST}")
-        return version, json.loads(raw), raw
-    except ValueError:
-        raise IntegrityError(f"manifest of {base}@{version} is not valid JSON", fix="republish the variant") from None
+    raw = storage.read_bytes(f"{base}/{version}/{MANIFEST}")
+    return version, parse_manifest(raw, f"{base}@{version}"), raw

@@ -11,7 +11,9 @@ files), which moved a 2 GB variant 1.7x faster than s3fs's ``put`` against the s
 
 S3 renames nothing, so a version is published by uploading its files first and its manifest
 last: a version without ``manifest.json`` does not exist for readers, and a publisher killed
-mid-upload leaves only such a leftover (``gc`` removes it; a rerun publishes afresh).
+mid-upload leaves only such a leftover (``gc`` removes it; a rerun publishes afresh). The
+manifest goes up with ``If-None-Match: *``, so of two publishers racing to one version exactly
+one writes it.
 Compare-and-swap on the index uses S3 conditional writes: ``If-None-Match: *`` to create,
 ``If-Match: <ETag>`` to replace. Transient failures (throttling, 5xx, dropped connections) are
 retried with exponential backoff by botocore's standard retry mode; what still fails is reported
@@ -27,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 from pipeline.errors import StorageError, ToolError
 from pipeline.hashing import digest_bytes, list_tree, parallel_map, sha256_file
-from pipeline.storage.base import Records, Storage
+from pipeline.storage.base import Records, Storage, check_expected
 
 MANIFEST = "manifest.json"
 _RETRIES = 5
@@ -44,6 +46,30 @@ def _code(e: BaseException) -> str:
     return ""
 
 
+def _check_endpoint(endpoint: str) -> None:
+    """Refuse, before any request, an endpoint that carries credentials or whose host does not
+    resolve: neither gets better by retrying (botocore would retry the lookup for a minute), and
+    credentials belong to the AWS chain, never to a URL that ends up in logs."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from pipeline.errors import redact
+
+    parts = urlsplit(endpoint)
+    if parts.username or parts.password:
+        raise StorageError(f"the S3 endpoint {redact(endpoint)} carries credentials", where="publish.s3.endpoint_url",
+                           fix="remove user:password@ from it; give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                               "or AWS_PROFILE")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StorageError(f"the S3 endpoint {endpoint!r} is not an http(s) URL", where="publish.s3.endpoint_url",
+                           fix="write it like http://HOST:PORT or https://HOST")
+    try:
+        socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except (socket.gaierror, UnicodeError) as e:
+        raise StorageError(f"the S3 endpoint's host {parts.hostname!r} does not resolve ({e})",
+                           where="publish.s3.endpoint_url", fix="check the endpoint URL and DNS") from None
+
+
 class S3Storage(Storage):
     def __init__(self, url: str, *, endpoint_url: str | None = None, region: str | None = None):
         try:
@@ -57,6 +83,8 @@ class S3Storage(Storage):
             raise StorageError(f"no bucket in storage URL {url!r}", where="publish.root", fix="write s3://BUCKET[/PREFIX]")
         self.url = f"s3://{rest}"
         self.endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if self.endpoint:
+            _check_endpoint(self.endpoint)
         client_kwargs: dict[str, Any] = {}
         if self.endpoint:
             client_kwargs["endpoint_url"] = self.endpoint
@@ -172,33 +200,41 @@ class S3Storage(Storage):
             return bool(self.fs.exists(self._path(rel))) or bool(self.list_dir(rel))
 
     def publish_tree(self, source: Path, rel: str, extra: dict[str, bytes], make_manifest: Callable[[Records], bytes],
-                     *, link: bool, known: dict[str, dict[str, Any]] | None = None) -> None:
-        known = known or {}
-
+                     *, expected: dict[str, dict[str, Any]] | None = None) -> bool:
         def record(rel_path: Path) -> dict[str, Any]:
-            posix, size = rel_path.as_posix(), (Path(source) / rel_path).stat().st_size
-            cached = known.get(posix)
-            if cached is not None and cached["size"] == size:
-                return cached
-            return {"path": posix, "size": size, "sha256": sha256_file(Path(source) / rel_path)}
+            # Hashed here, from the very file the upload then reads (an immutable cache entry,
+            # checked against its record right before), not taken from the cache's record.
+            path = Path(source) / rel_path
+            return check_expected({"path": rel_path.as_posix(), "size": path.stat().st_size,
+                                   "sha256": sha256_file(path)}, expected)
 
+        manifest_path = f"{self._path(rel)}/{MANIFEST}"
+        with self._errors("a lookup"):
+            if self.fs.exists(manifest_path):
+                return False  # a concurrent publisher of the same build finished first
         rels = [r for r in list_tree(Path(source)) if r.as_posix() not in extra]
         records = parallel_map(record, rels) + [
             {"path": name, "size": len(data), "sha256": digest_bytes(data)} for name, data in extra.items()]
         manifest = make_manifest(sorted(records, key=lambda r: r["path"]))
         local = [Path(source) / p for p in rels]
         remote = [f"{self._path(rel)}/{p.as_posix()}" for p in rels]
-        try:
-            with self._errors("an upload"):
-                if local:
-                    self._upload(local, [r.split("/", 1)[1] for r in remote])
-                for name, data in extra.items():
-                    self.fs.pipe_file(f"{self._path(rel)}/{name}", data)
-                self.fs.pipe_file(f"{self._path(rel)}/{MANIFEST}", manifest)  # last: the version now exists
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.delete_tree(rel)
-            raise
+        # Nothing is deleted on failure: a concurrent publisher of the same version may be
+        # uploading the same keys, and a version without a manifest is invisible anyway (gc
+        # removes such leftovers after its grace period; a rerun overwrites them).
+        with self._errors("an upload"):
+            if local:
+                self._upload(local, [r.split("/", 1)[1] for r in remote])
+            for name, data in extra.items():
+                self.fs.pipe_file(f"{self._path(rel)}/{name}", data)
+        # Every object must be there with its size before the manifest vouches for it (a gc of
+        # leftovers, or another publisher's failure, must not leave a manifest over holes).
+        stored = dict(self.list_files(rel))
+        short = [r["path"] for r in records if stored.get(r["path"]) != r["size"]]
+        if short:
+            raise StorageError(f"{len(short)} uploaded file(s) of {self._path(rel)} are missing or short: "
+                               f"{', '.join(short[:3])}", where="publish", fix="rerun to publish again")
+        # Last, and only if no manifest is there yet: the version now exists, exactly once.
+        return self.write_if(f"{rel}/{MANIFEST}", manifest, None)
 
     def _upload(self, files: list[Path], keys: list[str]) -> None:
         """Concurrent multipart uploads of many files through one transfer manager."""
@@ -255,9 +291,17 @@ class S3Storage(Storage):
             sync(self.fs.loop, self.fs._call_s3, "abort_multipart_upload", Bucket=self.bucket, Key=self._key(rel),
                  UploadId=upload_id)
 
+    def modified(self, rel: str) -> float | None:
+        base = self._path(rel) + "/"
+        with self._errors("a listing"):
+            found = self.fs.find(base, detail=True)
+        stamps = [info["LastModified"].timestamp() for info in found.values() if info.get("LastModified")]
+        return max(stamps) if stamps else None
+
     def incomplete_versions(self, rel: str) -> list[str]:
         out = []
         for name in self.list_dir(rel):
-            if name != "channels" and not self.fs.exists(f"{self._path(rel)}/{name}/{MANIFEST}"):
+            # Dot-names are the variant's own bookkeeping (the claims of version names), not versions.
+            if name != "channels" and not name.startswith(".") and not self.fs.exists(f"{self._path(rel)}/{name}/{MANIFEST}"):
                 out.append(name)
         return out
