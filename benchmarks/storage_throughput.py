@@ -99,13 +99,17 @@ def _rm(path: Path) -> None:
 def bench_filesystem(src: Path, work: Path, repeat: int) -> dict:
     entry = _cache_entry(src, work)
     store, scratch = work / "fs-store", work / "fs-scratch"
-    rows: dict[str, list[float]] = {"publish": [], "cp_up": [], "pull": [], "cp_down": []}
+    rows: dict[str, list[float]] = {"publish": [], "cp_up": [], "cp_sha": [], "pull": [], "cp_down": []}
     for i in range(repeat):
         _rm(store)
         _rm(scratch)
         scratch.mkdir(parents=True)
         order = [("publish", lambda: _publish(str(store), entry, "abcdef"[i % 6])),
-                 ("cp_up", lambda: subprocess.run(["cp", "-r", str(entry.data), str(scratch / "up")], check=True))]
+                 ("cp_up", lambda: subprocess.run(["cp", "-r", str(entry.data), str(scratch / "up")], check=True)),
+                 # The same guarantee by hand: the copy, then the digests a manifest needs.
+                 ("cp_sha", lambda: subprocess.run(f"cp -r {entry.data} {scratch / 'up2'} && "
+                                                   f"find {scratch / 'up2'} -type f -print0 | xargs -0 -P2 -n2 sha256sum",
+                                                   shell=True, check=True, stdout=subprocess.DEVNULL))]
         for name, fn in order if i % 2 == 0 else order[::-1]:
             rows[name].append(_timed(fn))
         from pipeline.storage.location import open_storage
@@ -198,6 +202,7 @@ def main() -> None:
     if args.only in (None, "fs"):
         fs = bench_filesystem(src, args.work, args.repeat)
         report("filesystem publish:", fs["publish"], "cp -r", fs["cp_up"])
+        report("filesystem publish:", fs["publish"], "cp -r + sha256sum", fs["cp_sha"])
         report("filesystem pull:", fs["pull"], "cp -r", fs["cp_down"])
     if args.only in (None, "s3"):
         s3 = bench_s3(src, args.work, args.repeat)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +40,16 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def copy_hashed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> tuple[int, str]:
-    """Copy ``src`` to a new file ``dst`` and return ``(size, sha256)`` of the bytes written.
+    """Copy ``src`` to a new file ``dst`` and return ``(size, sha256)`` of what ``dst`` holds.
 
-    One pass: each chunk is hashed as it is written, so the digest describes what ``dst`` got,
-    not what ``src`` held before or after (a publish records exactly what it published).
+    The copy is in-kernel (as ``cp`` does), then ``dst`` itself is hashed (from the page cache):
+    the digest describes the bytes written, not what ``src`` held before or after. Measured
+    faster on 2 cores than hashing each chunk on its way through Python.
     """
-    h = hashlib.sha256()
-    size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        while n := fin.readinto(buf):
-            chunk = view[:n]
-            h.update(chunk)
-            fout.write(chunk)
-            size += n
-    return size, h.hexdigest()
+    if os.path.exists(dst):
+        raise FileExistsError(dst)
+    shutil.copyfile(src, dst)
+    return os.path.getsize(dst), sha256_file(dst)
 
 
 def list_tree(root: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from pipeline.plan.build import Plan, build_plan
 from pipeline.progress import Reporter
 from pipeline.recipe.load import LoadedRecipe, load_recipe
 from pipeline.stages.context import RunContext
-from pipeline.storage.location import open_storage
+from pipeline.storage.location import default_root, open_storage
 
 
 def default_cache_dir() -> Path:
@@ -39,7 +39,7 @@ def storage_root(loaded: LoadedRecipe, override: str | os.PathLike[str] | None) 
             raise StorageError(f"cannot resolve the storage root: {e}", where="--storage", fix="check the path") from None
     if loaded.recipe.publish.root is not None:
         return loaded.recipe.publish.root
-    return str((Path.cwd() / "artifacts").resolve())
+    return default_root()
 
 
 @dataclass

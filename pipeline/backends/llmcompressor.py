@@ -351,7 +351,7 @@ def _default(name: str):
 
 @contextlib.contextmanager
 def _threads_for(variant, device: str):
-    """GPTQ's inner loop is many tiny ops: on CPUs one thread beats two (see the README)."""
+    """GPTQ's inner loop is many tiny ops: on CPUs one thread beats two."""
     import torch
 
     if variant.algorithm != "gptq" or device != "cpu":

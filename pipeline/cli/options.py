@@ -37,9 +37,10 @@ DeviceOpt = Annotated[
 
 
 def default_storage() -> str:
-    """``./artifacts`` as an absolute path: the root used when neither ``--storage``,
-    ``$MODELBUILD_STORAGE`` nor a recipe's ``publish.root`` names one (as ``run`` resolves it)."""
-    return str((Path.cwd() / "artifacts").resolve())
+    """``./artifacts`` (absolute), as ``run`` resolves it (:func:`~pipeline.storage.location.default_root`)."""
+    from pipeline.storage.location import default_root
+
+    return default_root()
 
 
 def storage_url(storage: str | None) -> str:

@@ -188,55 +188,32 @@ def _local(folder: Path, recipe_dir: Path) -> Model:
     )
 
 
-def hub_cache_dir() -> str | None:
-    """The Hub cache folder as huggingface_hub resolves it (HF_HUB_CACHE, else HF_HOME/hub, else
-    its default), read now: huggingface_hub freezes these variables when it is first imported."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return str(Path(os.environ["HF_HOME"]).expanduser() / "hub")
-    return None
-
-
 def _hub(repo: str, revision: str) -> Model:
-    import httpx
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    from pipeline.sources.hub import _offline
+    from pipeline.sources.hub import _offline, cache_dir, hub_errors
 
     offline = _offline()
     where = f"MODEL {repo}@{revision}"
-    try:
-        # config.json only: the weights are fetched by `modelbuild run`, not here.
-        path = hf_hub_download(repo, "config.json", revision=revision, cache_dir=hub_cache_dir(),
-                               local_files_only=offline)
-    except LocalEntryNotFoundError:
-        # Online, huggingface_hub falls back to the cache when the Hub cannot be reached and
-        # raises this too when the file is not there either.
-        cache = hub_cache_dir() or "the default cache"
-        if offline:
-            raise SourceError(f"{repo}'s config.json is not in the local Hub cache ({cache}) and HF_HUB_OFFLINE is set",
-                              where=where, fix="check the id, download it once online, or unset HF_HUB_OFFLINE") from None
-        raise SourceError(f"cannot reach the Hub, and {repo}'s config.json is not in the local Hub cache ({cache})",
-                          where=where, fix="check the network and the id") from None
-    except RevisionNotFoundError:
-        raise SourceError(f"revision {revision!r} does not exist in {repo}", where=where,
-                          fix="give --revision a branch, tag or commit of the repo") from None
-    except RepositoryNotFoundError:
-        raise SourceError(f"repository {repo} does not exist or is not visible to this token", where=where,
-                          fix="check the repo id and HF_TOKEN") from None
-    except EntryNotFoundError:
-        raise SourceError(f"{repo} has no config.json (a GGUF-only repository?)", where=where,
-                          fix="download its .gguf file and give that file's path") from None
-    except HfHubHTTPError as e:
-        raise SourceError(f"the Hub refused: {e}", where=where, fix="check the repo id, revision and token") from None
-    except (OSError, httpx.TransportError) as e:
-        # huggingface_hub 1.x speaks httpx: an unreachable Hub is an httpx.TransportError.
-        raise SourceError(f"cannot reach the Hub: {e.__class__.__name__}: {e}", where=where,
-                          fix="check the network, or use HF_HUB_OFFLINE=1 with a cached model") from None
+    with hub_errors(where, repo, revision, offline_fix="check the id, download it once online, or unset HF_HUB_OFFLINE"):
+        try:
+            # config.json only: the weights are fetched by `modelbuild run`, not here.
+            path = hf_hub_download(repo, "config.json", revision=revision, cache_dir=cache_dir(),
+                                   local_files_only=offline)
+        except LocalEntryNotFoundError:
+            # Online, huggingface_hub falls back to the cache when the Hub cannot be reached and
+            # raises this too when the file is not there either.
+            cache = cache_dir() or "the default cache"
+            if offline:
+                raise SourceError(f"{repo}'s config.json is not in the local Hub cache ({cache}) and HF_HUB_OFFLINE "
+                                  "is set", where=where,
+                                  fix="check the id, download it once online, or unset HF_HUB_OFFLINE") from None
+            raise SourceError(f"cannot reach the Hub, and {repo}'s config.json is not in the local Hub cache "
+                              f"({cache})", where=where, fix="check the network and the id") from None
+        except EntryNotFoundError:
+            raise SourceError(f"{repo} has no config.json (a GGUF-only repository?)", where=where,
+                              fix="download its .gguf file and give that file's path") from None
     config = _read_config(Path(path), where)
     return Model(
         source={"kind": "hub", "repo": repo, "revision": revision},

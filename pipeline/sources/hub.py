@@ -8,8 +8,10 @@ chat-template files are downloaded; pickle weights only when the recipe opts in.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import SourceError
@@ -23,9 +25,43 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _cache_dir() -> str | None:
-    # Read at call time: huggingface_hub freezes its constants at import.
-    return os.environ.get("HF_HUB_CACHE")
+def cache_dir() -> str | None:
+    """The Hub cache folder as huggingface_hub resolves it (HF_HUB_CACHE, else HF_HOME/hub, else
+    its default: None), read now: huggingface_hub freezes these variables when first imported."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]).expanduser() / "hub")
+    return None
+
+
+@contextlib.contextmanager
+def hub_errors(where: str, repo: str, revision: str, *, offline_fix: str) -> Iterator[None]:
+    """What huggingface_hub raises, as one SourceError line naming ``where`` (callers catch the
+    cases only they can word, e.g. a missing file, inside this)."""
+    import httpx
+    from huggingface_hub.errors import (
+        HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    try:
+        yield
+    except LocalEntryNotFoundError:
+        raise SourceError("not in the local Hub cache and HF_HUB_OFFLINE is set", where=where,
+                          fix=offline_fix) from None
+    except RevisionNotFoundError:
+        raise SourceError(f"revision {revision!r} does not exist (any more) in {repo}", where=where,
+                          fix="pin a revision that exists (a branch, tag or commit of the repo)") from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"repository {repo} does not exist or is not visible to this token", where=where,
+                          fix="check the repo id and HF_TOKEN") from None
+    except HfHubHTTPError as e:
+        raise SourceError(f"the Hub refused: {e}", where=where, fix="check the repo id, revision and token") from None
+    except (OSError, httpx.TransportError) as e:
+        # huggingface_hub 1.x speaks httpx: a refused connection, DNS failure or timeout is an
+        # httpx.TransportError, not an OSError.
+        raise SourceError(f"cannot reach the Hub: {e.__class__.__name__}: {e}", where=where,
+                          fix="check the network or use HF_HUB_OFFLINE=1") from None
 
 
 def resolve(source) -> ResolvedSource:
@@ -39,40 +75,18 @@ def resolve(source) -> ResolvedSource:
 
 
 def _resolve_commit(source) -> str:
-    import httpx
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
-    )
 
     where = f"source {source.repo}@{source.revision}"
-    try:
+    with hub_errors(where, source.repo, source.revision, offline_fix="download it once online, or unset HF_HUB_OFFLINE"):
         if _offline():
             # Offline, the cache's refs/<revision> names the commit; the snapshot folder is it.
             path = snapshot_download(
-                source.repo, revision=source.revision, local_files_only=True, cache_dir=_cache_dir(),
+                source.repo, revision=source.revision, local_files_only=True, cache_dir=cache_dir(),
                 allow_patterns=["config.json"],
             )
             return Path(path).name
         return HfApi().model_info(source.repo, revision=source.revision).sha
-    except LocalEntryNotFoundError:
-        raise SourceError(
-            "not in the local Hub cache and HF_HUB_OFFLINE is set", where=where,
-            fix="download it once online, or unset HF_HUB_OFFLINE",
-        ) from None
-    except RevisionNotFoundError:
-        raise SourceError(f"revision {source.revision!r} does not exist (any more) in {source.repo}", where=where,
-                          fix="pin a revision that exists (a branch, tag or commit of the repo)") from None
-    except RepositoryNotFoundError:
-        raise SourceError(f"repository {source.repo} does not exist or is not visible to this token", where=where,
-                          fix="check the repo id and HF_TOKEN") from None
-    except HfHubHTTPError as e:
-        raise SourceError(f"the Hub refused: {e}", where=where, fix="check the repo id, revision and token") from None
-    except (OSError, httpx.TransportError) as e:
-        # huggingface_hub 1.x speaks httpx: a refused connection, DNS failure or timeout is an
-        # httpx.TransportError, not an OSError.
-        raise SourceError(f"cannot reach the Hub: {e.__class__.__name__}: {e}", where=where,
-                          fix="check the network or use HF_HUB_OFFLINE=1") from None
 
 
 def materialize(source, resolved: ResolvedSource, out_dir: Path) -> dict:
@@ -85,7 +99,7 @@ def materialize(source, resolved: ResolvedSource, out_dir: Path) -> dict:
         snap = Path(
             snapshot_download(
                 source.repo, revision=commit, allow_patterns=resolved.identity["allow_patterns"],
-                local_files_only=_offline(), cache_dir=_cache_dir(),
+                local_files_only=_offline(), cache_dir=cache_dir(),
             )
         )
     except LocalEntryNotFoundError:
@@ -103,7 +117,7 @@ def config_path(source, resolved: ResolvedSource) -> Path:
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(
-        source.repo, "config.json", revision=resolved.identity["commit"], cache_dir=_cache_dir(),
+        source.repo, "config.json", revision=resolved.identity["commit"], cache_dir=cache_dir(),
         local_files_only=_offline(),
     )
     return Path(path).parent

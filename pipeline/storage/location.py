@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StorageError
@@ -15,6 +16,12 @@ from pipeline.storage.base import Storage
 # A model, variant, version or channel name: one path segment, never ``.``/``..`` or hidden.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SCHEMES = ("file", "s3")
+
+
+def default_root() -> str:
+    """``./artifacts`` as an absolute path: the store used when neither ``--storage``,
+    ``$MODELBUILD_STORAGE`` nor a recipe's ``publish.root`` names one."""
+    return str((Path.cwd() / "artifacts").resolve())
 
 
 def open_storage(url: str, *, s3: dict[str, Any] | None = None) -> Storage:
