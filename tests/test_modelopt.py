@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import one_line, run_once, write_recipe
+from tests.conftest import copy_tokenizer, one_line, run_once, write_recipe
 
 # name -> (variant options, expected quant_algo, engines that load it, targets given a profile)
 VARIANTS = {
@@ -233,7 +233,7 @@ def test_engine_built_on_a_builder_is_published_with_what_it_is_tied_to(cli, dir
     store = dirs["storage"] / "tiny"
     [engine_variant] = [p for p in store.iterdir() if p.name != "mo-fp8"]
     assert engine_variant.name.startswith("mo-fp8-trtllm-sm90-tp2")
-    [version] = [p for p in engine_variant.iterdir() if p.name != "channels"]
+    [version] = [p for p in engine_variant.iterdir() if p.name != "channels" and not p.name.startswith(".")]
     manifest = json.loads((version / "manifest.json").read_text())
     facts = manifest["engine"]
     assert facts["sm"] == "sm90" and facts["gpu"] == "stand-in H100"
@@ -307,7 +307,7 @@ def test_bad_input_is_one_line(cli, dirs, tmp_path, tiny_model, wikitext, case):
     assert not dirs["storage"].exists() or not any(dirs["storage"].rglob("manifest.json"))
 
 
-def test_architecture_modelopt_cannot_export(cli, dirs, tmp_path, wikitext):
+def test_architecture_modelopt_cannot_export(cli, dirs, tmp_path, wikitext, tiny_model):
     """GPT-NeoX is not among the model families ModelOpt's exporter knows: refused at plan time."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -317,6 +317,7 @@ def test_architecture_modelopt_cannot_export(cli, dirs, tmp_path, wikitext):
                            num_attention_heads=4, max_position_embeddings=256)
     torch.manual_seed(0)
     GPTNeoXForCausalLM(config).to(torch.bfloat16).save_pretrained(model)
+    copy_tokenizer(tiny_model, model)
     recipe = modelopt_recipe(tmp_path, model, wikitext, "- name: x\n  backend: modelopt\n  qformat: fp8\n", targets="")
     code, _out, err = cli("plan", recipe)
     line = one_line(err)
