@@ -70,11 +70,27 @@ def test_damaged_entry_is_removed_with_a_warning(tmp_path, damage):
     assert not entry.data.parent.exists()
 
 
-def test_deep_check_catches_same_size_corruption(tmp_path):
+def _rewrite_same_size(path, *, mtime_ns: int) -> None:
+    """An edit in place that keeps the size, leaving the file's mtime at ``mtime_ns`` (set
+    explicitly: file clocks tick in milliseconds, so a quick rewrite may or may not move it)."""
+    path.write_bytes(b"y" * path.stat().st_size)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_same_size_corruption_is_caught_when_the_mtime_moved(tmp_path):
     store = CacheStore(tmp_path)
     entry = store.put(KEY, lambda out: (out / "w.bin").write_bytes(b"x" * 1000) and {}, {})
-    (entry.data / "w.bin").write_bytes(b"y" * 1000)
-    assert store.get(KEY) is not None  # the cheap check trusts sizes
+    before = (entry.data / "w.bin").stat().st_mtime_ns
+    _rewrite_same_size(entry.data / "w.bin", mtime_ns=before + 1_000_000_000)
+    assert store.get(KEY) is None  # the cheap fingerprint moved: re-hashed, found changed, removed
+
+
+def test_deep_check_catches_same_size_corruption_with_the_mtime_put_back(tmp_path):
+    store = CacheStore(tmp_path)
+    entry = store.put(KEY, lambda out: (out / "w.bin").write_bytes(b"x" * 1000) and {}, {})
+    before = (entry.data / "w.bin").stat().st_mtime_ns
+    _rewrite_same_size(entry.data / "w.bin", mtime_ns=before)
+    assert store.get(KEY) is not None  # size and mtime as recorded: the cheap check trusts them
     assert store.get(KEY, deep=True) is None
 
 
