@@ -71,7 +71,7 @@ STAGE_SCRIPT_PROLOGUE = """
 import sys, json
 from pathlib import Path
 from pipeline.cache.store import CacheStore
-from pipeline.orchestrate import prepare
+from pipeline.run.orchestrate import prepare
 from pipeline.progress import Reporter
 from pipeline.stages import runner
 from pipeline.stages.context import RunContext, StageInput

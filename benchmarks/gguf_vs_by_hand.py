@@ -99,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from pipeline.orchestrate import prepare
+    from pipeline.run.orchestrate import prepare
     from pipeline.progress import Reporter
 
     prepared = prepare(args.recipe, cache_dir=args.cache_dir, storage=None, reporter=Reporter())

@@ -116,7 +116,7 @@ def main() -> None:
 def _fetched_checkpoint(recipe: Path, cache_dir: str) -> str:
     """The bf16 checkpoint of the recipe's cached fetch stage (both sides start from it)."""
     from pipeline.cache.store import CacheStore
-    from pipeline.orchestrate import prepare
+    from pipeline.run.orchestrate import prepare
     from pipeline.progress import Reporter
 
     prepared = prepare(recipe, cache_dir=Path(cache_dir), storage=None, reporter=Reporter())

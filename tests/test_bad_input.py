@@ -220,12 +220,12 @@ def test_debug_switch_adds_the_traceback_but_keeps_the_exit_code(cli, dirs, tmp_
 
 
 def test_a_bug_is_one_line_with_exit_1_not_a_traceback(cli, recipe_factory, monkeypatch):
-    import pipeline.orchestrate
+    import pipeline.run.orchestrate
 
     def broken(*a, **k):
         raise TypeError("unexpected thing")
 
-    monkeypatch.setattr(pipeline.orchestrate, "prepare", broken)
+    monkeypatch.setattr(pipeline.run.orchestrate, "prepare", broken)
     code, _, err = cli("plan", recipe_factory())
     assert code == 1
     line = one_line(err)

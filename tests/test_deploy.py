@@ -28,7 +28,7 @@ def compose_schema(tmp_path_factory) -> dict:
 
 
 def _publish_with_profiles(url: str, tmp_path: Path) -> str:
-    from pipeline.serving import llamacpp_profiles
+    from pipeline.publishing.serving import llamacpp_profiles
     from pipeline.storage.location import open_storage
     from pipeline.storage.publish import publish_variant
 

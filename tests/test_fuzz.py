@@ -262,7 +262,7 @@ COMPARED = ("recipe_sha256", "source", "data", "tools")
 @settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_any_lock_file_is_refused_cleanly_and_still_reported(world, locked, data):
-    from pipeline.lockfile import differences
+    from pipeline.run.lockfile import differences
 
     real = locked["lock"]
     kind = data.draw(st.sampled_from(["any-json", "mutated", "bytes"]), label="kind")

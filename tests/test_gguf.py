@@ -74,7 +74,8 @@ def test_gguf_types_build_evaluate_and_publish(cli, dirs, tmp_path, tiny_smol, w
     # One conversion and one importance matrix, shared.
     assert err.count("gguf/convert-f16: done") == 1 and err.count("gguf/imatrix-") >= 1
 
-    from pipeline.backends.llamacpp import LlamaEval, read_metadata
+    from pipeline.toolchains.gguf_reader import read_metadata
+    from pipeline.backends.llamacpp import LlamaEval
 
     manifests = {}
     for variant in ("gguf-f16", "gguf-q8", "gguf-q4km", "gguf-q4km-plain"):
@@ -113,7 +114,7 @@ def test_gguf_types_build_evaluate_and_publish(cli, dirs, tmp_path, tiny_smol, w
     assert "im_start" in meta["tokenizer.chat_template"] and meta["tokenizer.ggml.pre"] == "smollm"
     # The overrides took effect (token embeddings at q8_0, attn_v at q4_1: K-types fall back on
     # 64-wide rows) and the imatrix was used.
-    from pipeline.backends.llamacpp import tensor_types
+    from pipeline.toolchains.gguf_reader import tensor_types
 
     types = tensor_types(_published(dirs["storage"], "gguf-q4km") / q4["files"][0])
     assert types["token_embd.weight"] == "q8_0"
@@ -145,12 +146,12 @@ def test_tokenizer_check_finds_a_different_tokenizer(tmp_path, tiny_smol, tiny_m
     """Break the tokenizer check on purpose: the GGUF's vocabulary against another tokenizer."""
     from transformers import AutoTokenizer
 
-    from pipeline.backends import llamacpp
+    from pipeline.toolchains import llamacpp_tools
     from pipeline.plan.gguf import AWKWARD_STRINGS
     from pipeline.stages.gguf_fidelity import compare_tokenizers
 
     out = tmp_path / "tiny.gguf"
-    llamacpp.convert(tiny_smol, out, "f16", {"general.name": "t"})
+    llamacpp_tools.convert(tiny_smol, out, "f16", {"general.name": "t"})
     texts = [(wikitext / "test.txt").read_text(encoding="utf-8")[:20000], *AWKWARD_STRINGS]
     same = compare_tokenizers(out, AutoTokenizer.from_pretrained(tiny_smol), texts)
     assert same["mismatches"] == 0 and same["tokens"] > 1000
@@ -188,7 +189,7 @@ def test_unsupported_architecture_fails_at_plan_time(cli, tmp_path, wikitext, to
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
-    from pipeline.backends.llamacpp import supported_architectures
+    from pipeline.toolchains.llamacpp_tools import supported_architectures
 
     assert "LlamaForCausalLM" in supported_architectures()
     assert "OPTForCausalLM" not in supported_architectures()

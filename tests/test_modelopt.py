@@ -345,7 +345,7 @@ def test_tensor_parallel_must_split_or_replicate_kv_heads():
     ways; 3 ways divides the heads but neither splits nor replicates the KV heads."""
     from types import SimpleNamespace
 
-    from pipeline.compat import check_parallelism
+    from pipeline.hardware import check_parallelism
 
     gqa = SimpleNamespace(num_attention_heads=24, num_key_value_heads=8, num_hidden_layers=28)
     assert check_parallelism(4, 1, gqa) is None and check_parallelism(8, 1, gqa) is None
@@ -429,7 +429,7 @@ def test_nvfp4_activation_simulation_is_modelopts_arithmetic():
 
 def test_gate_change_does_not_rebuild_an_engine(tmp_path, tiny_model, wikitext):
     """An engine waits for its checkpoint's gate but is keyed by the checkpoint only."""
-    from pipeline.orchestrate import prepare
+    from pipeline.run.orchestrate import prepare
     from pipeline.progress import Reporter
 
     keys = []

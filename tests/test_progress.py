@@ -229,7 +229,7 @@ def test_gguf_conversion_and_quantization_report_their_progress(tmp_path, tiny_s
     """llama-quantize's tensors k/N as steps; the converter's own bar folded in, never printed."""
     from types import SimpleNamespace
 
-    from pipeline.backends import llamacpp
+    from pipeline.toolchains import gguf_reader, llamacpp_tools
     from pipeline.toolchains import llamacpp as toolchain
 
     try:
@@ -242,13 +242,13 @@ def test_gguf_conversion_and_quantization_report_their_progress(tmp_path, tiny_s
     variant = SimpleNamespace(type="Q8_0", tensor_types={}, output_type=None, token_embedding_type=None)
     with reporter.run([PlannedStage("gguf/convert", None), PlannedStage("quantize/q8", None)]):
         reporter.stage(1, 2, "gguf/convert", "running")
-        llamacpp.convert(tiny_smol, f16, "f16", {}, None)
+        llamacpp_tools.convert(tiny_smol, f16, "f16", {}, None)
         reporter.stage(1, 2, "gguf/convert", "done", 1.0)
         reporter.stage(2, 2, "quantize/q8", "running")
-        llamacpp.quantize(f16, q8, variant, imatrix_file=None, threads=2)
+        llamacpp_tools.quantize(f16, q8, variant, imatrix_file=None, threads=2)
         timer.stop()
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     tensors = [(e["done"], e["total"]) for e in events if e["event"] == "step" and e["step"] == "tensors"]
-    n = len(llamacpp.tensor_types(f16))
+    n = len(gguf_reader.tensor_types(f16))
     assert tensors[0] == (0, n) and tensors[-1] == (n, n) and len(tensors) == n + 1  # one event per tensor
     assert all(e["stage"] == "quantize/q8" for e in events if e["event"] == "step")

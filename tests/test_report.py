@@ -170,7 +170,7 @@ def test_model_cards_have_valid_front_matter(built):
 
 
 def test_model_card_tags():
-    from pipeline.model_card import tags
+    from pipeline.publishing.model_card import tags
 
     def m(scheme, backend, bits, engines, algorithm=None):
         spec = {"backend": backend, **({"algorithm": algorithm} if algorithm else {})}

@@ -309,8 +309,10 @@ def _publish_big(url: str, tmp: str, files: int, size: int, hold: bool = False) 
             store.write_if = lambda rel, data, token: (wait_here() if rel.endswith("/manifest.json")
                                                        else put(rel, data, token))
         else:  # filesystem: the manifest is written into the staging folder before its rename
-            replace = store._replace
-            store._replace = lambda path, data: wait_here() if path.name == "manifest.json" else replace(path, data)
+            from pipeline.storage import local
+
+            write = local.atomic_write
+            local.atomic_write = lambda path, data: wait_here() if path.name == "manifest.json" else write(path, data)
     publish_variant(store, model="m", variant="big", build_key="b" * 64, files_from=src, manifest=_manifest())
 
 

@@ -62,10 +62,10 @@ def tiny_sp(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_sp_gguf(tiny_sp, tmp_path_factory, toolchain) -> Path:  # noqa: F811
     """``tiny_sp`` written to GGUF (F16) by llama.cpp's converter; ``tokenizer.ggml.model: llama``."""
-    from pipeline.backends import llamacpp
+    from pipeline.toolchains import llamacpp_tools
 
     out = tmp_path_factory.mktemp("tiny-sp-gguf") / "tiny-sp.gguf"
-    llamacpp.convert(tiny_sp, out, "f16", {"general.name": "Tiny SP"})
+    llamacpp_tools.convert(tiny_sp, out, "f16", {"general.name": "Tiny SP"})
     return out
 
 
@@ -145,7 +145,7 @@ def test_sentencepiece_gguf_source_builds_gguf_variants(cli, dirs, tmp_path, tin
     [manifest] = list((dirs["storage"] / "tiny-sp" / "gguf-q8").rglob("manifest.json"))
     m = json.loads(manifest.read_text())
     assert m["format"]["format"] == "gguf"
-    from pipeline.backends.llamacpp import read_metadata
+    from pipeline.toolchains.gguf_reader import read_metadata
 
     meta = read_metadata(manifest.parent / m["gguf"]["files"][0])
     assert meta["tokenizer.ggml.model"] == "llama"  # a SentencePiece vocabulary again

@@ -179,7 +179,7 @@ def test_watch_rules_need_a_hub_source(cli, recipe_factory):
 def test_exit_codes_rank_the_most_urgent():
     from pathlib import Path
 
-    from pipeline.watch import Check, exit_code
+    from pipeline.run.watch import Check, exit_code
 
     stale, unknown = Check(Path("a"), "stale"), Check(Path("b"), "unknown")
     assert exit_code([Check(Path("a"), "current")], 0, 0) == 0

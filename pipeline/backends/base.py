@@ -118,7 +118,7 @@ class Backend(ABC):
     def publish_params(self, variant: Any, planning: Any) -> dict[str, Any]:
         """Extra parameters of the variant's publish stage: the serving profiles of the engines
         that load it, for the recipe's targets."""
-        from pipeline.serving import profiles_for
+        from pipeline.publishing.serving import profiles_for
 
         return {"serving_profiles": profiles_for(self, variant, planning.recipe.targets)}
 

@@ -30,7 +30,11 @@ from typing import Any
 
 from pipeline.backends.base import Backend, FormatInfo
 from pipeline.backends.shapes import config_dtype, linear_input_widths, weight_owners
-from pipeline.backends.simulated_activations import SharedInputQDQ, input_hook, output_hook
+from pipeline.backends.simulated_activations import (
+    SharedInputQDQ,
+    input_hook,
+    output_hook,
+)
 from pipeline.errors import StageError
 
 _W16 = "weights: stored {w} dequantized exactly; activations: not quantized (16-bit in the engine, fp32 here)"

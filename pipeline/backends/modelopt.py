@@ -25,8 +25,8 @@ from typing import Any
 
 from pipeline.backends.base import Backend, FormatInfo
 from pipeline.backends.shapes import config_dtype, linear_input_widths, meta_model
-from pipeline.compat import check_parallelism, compute_capability
 from pipeline.errors import RecipeError, StageError
+from pipeline.hardware import check_parallelism, compute_capability
 
 # Engines, in modelbuild's names: "trtllm" is TensorRT-LLM's default (PyTorch) backend, served by
 # `trtllm-serve`; "trtllm-engine" its legacy TensorRT backend (an engine built per GPU

@@ -20,7 +20,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.backends.simulated_activations import fp8_per_token_qdq, fp8_static_qdq, round_to_fp4
+from pipeline.backends.simulated_activations import (
+    fp8_per_token_qdq,
+    fp8_static_qdq,
+    round_to_fp4,
+)
 from pipeline.errors import StageError
 
 NVFP4_BLOCK = 16

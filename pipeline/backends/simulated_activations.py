@@ -135,7 +135,9 @@ def fp4_group_qdq(module: Any, x, args, global_scale):
     elementwise part is done here: divide by the effective scale, clamp to ±6, round to the E2M1
     grid, multiply back.
     """
-    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+    from compressed_tensors.quantization.utils.helpers import (
+        compute_dynamic_scales_and_zp,
+    )
 
     scale, _zero_point = compute_dynamic_scales_and_zp(value=x, args=args, module=module, global_scale=global_scale)
     groups = x.unflatten(-1, (x.shape[-1] // args.group_size, args.group_size))

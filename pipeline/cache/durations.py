@@ -15,12 +15,11 @@ may drop one run's records, which only makes an estimate rest on one build fewer
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipeline.files import atomic_write
 from pipeline.hashing import digest_json
 
 INDEX = "durations.json"
@@ -89,10 +88,8 @@ class Durations:
         """Write the index atomically; a cache root that cannot be written keeps no history."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{INDEX}.{secrets.token_hex(4)}")
-            tmp.write_text(json.dumps(self._data, sort_keys=True), encoding="utf-8")
-            # No fsync: a crash can lose the latest records, never leave a torn index.
-            os.replace(tmp, self.path)
+            # Not durable: a crash can lose the latest records, never leave a torn index.
+            atomic_write(self.path, json.dumps(self._data, sort_keys=True), durable=False)
         except OSError:
             pass
 

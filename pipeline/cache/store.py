@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import CacheEntryCorrupt
+from pipeline.files import atomic_write
 from pipeline.hashing import file_records, sha256_file, tree_digest
 
 ENTRY_FORMAT = 1
@@ -197,9 +198,4 @@ def _alive(pid: int) -> bool:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))

@@ -31,7 +31,7 @@ def watch(
     11 rebuilt, 12 could not check, 13 a rebuild failed."""
     import json
 
-    from pipeline import watch as watching
+    from pipeline.run import watch as watching
 
     checks = [watching.check(r) for r in recipes]
     rebuilt, failed, results = 0, 0, {}
@@ -56,9 +56,9 @@ def lock(
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Write or refresh each recipe's lock file: resolved source, data digests, tool versions."""
-    from pipeline import lockfile
-    from pipeline.orchestrate import prepare
     from pipeline.progress import Reporter
+    from pipeline.run import lockfile
+    from pipeline.run.orchestrate import prepare
 
     for recipe in recipes:
         prepared = prepare(recipe, cache_dir=cache_dir, storage=None, reporter=Reporter())
@@ -73,8 +73,8 @@ def plan(
     keys: Annotated[bool, typer.Option("--keys", help="Show full stage keys.")] = False,
 ) -> None:
     """Show the stages a recipe becomes, their keys, and which are already cached."""
-    from pipeline.orchestrate import prepare
     from pipeline.progress import Reporter
+    from pipeline.run.orchestrate import prepare
 
     reporter = Reporter()
     prepared = prepare(recipe, cache_dir=cache_dir, storage=storage, reporter=reporter)
@@ -156,10 +156,10 @@ def run(
     import time
 
     from pipeline.errors import GateFailed, ModelbuildError, NeedsHardware
-    from pipeline.orchestrate import prepare
-    from pipeline.orchestrate import run as run_prepared
     from pipeline.progress import Reporter
-    from pipeline.run_report import default_folder, write_for_run
+    from pipeline.run.orchestrate import prepare
+    from pipeline.run.orchestrate import run as run_prepared
+    from pipeline.run.report import default_folder, write_for_run
     from pipeline.stages.gate import failure_lines
     from pipeline.stages.trtllm_engine import builder_command
 

@@ -22,7 +22,9 @@ RefArg = Annotated[str, typer.Argument(help="MODEL, MODEL/VARIANT, MODEL/VARIANT
 def register(app: typer.Typer) -> None:
     """Every command under ``modelbuild store``, and under the same name at the top level, hidden
     from its help: the top-level names came first, and scripts call them."""
-    from pipeline.cli.inspect import verify  # inspect imports this module's option types
+    from pipeline.cli.inspect import (
+        verify,  # inspect imports this module's option types
+    )
 
     store = typer.Typer(help="The published store: list, inspect, pull, verify, move channels, clean up, deploy.",
                         no_args_is_help=True)
@@ -257,7 +259,7 @@ def deploy(
     storage: StorageOpt = None,
 ) -> None:
     """Write a Docker Compose deployment of a published variant: N replicas, nginx, health checks."""
-    from pipeline.deploy import compose, pick_profile
+    from pipeline.publishing.deploy import compose, pick_profile
     from pipeline.storage.consume import ENGINES
     from pipeline.storage.refs import parse_ref
     from pipeline.storage.registry import resolve

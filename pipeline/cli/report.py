@@ -49,10 +49,10 @@ def report(
 ) -> None:
     """Write a model's tradeoff report: per variant engine, format, bits, size, PPL, KLD, top-1,
     measured speed, gate and minimum GPU; Pareto plots; a recommendation per target."""
-    from pipeline.orchestrate import storage_root
     from pipeline.recipe.load import load_recipe
     from pipeline.report.build import build_report, write_report
     from pipeline.report.recommend import Target
+    from pipeline.run.orchestrate import storage_root
     from pipeline.storage.location import check_name, open_storage
 
     targets = [_target(t) for t in target] if target else None

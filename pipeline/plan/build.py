@@ -21,9 +21,15 @@ from dataclasses import dataclass, field, replace
 
 from pipeline import sources
 from pipeline.backends import get_backend
-from pipeline.compat import check_parallelism, compute_capability
-from pipeline.errors import DataError, ModelbuildError, RecipeError, SourceError, StageError
 from pipeline.cache.store import CacheStore
+from pipeline.errors import (
+    DataError,
+    ModelbuildError,
+    RecipeError,
+    SourceError,
+    StageError,
+)
+from pipeline.hardware import check_parallelism, compute_capability
 from pipeline.hashing import digest_json, sha256_file
 from pipeline.plan.stage import Hints, Stage, tool_version
 from pipeline.plan.variant_stages import EVAL_TOOLS, Planning
@@ -69,7 +75,7 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, sto
     """
     recipe = loaded.recipe
     resolved = resolved or sources.resolve(recipe.source)
-    data = _corpus_digests(recipe)
+    data = corpus_digests(recipe)
     _check_targets(recipe, loaded)
     _check_variants(loaded, resolved, store)
     check_eval_tokens(recipe, _tokenizer_folder(recipe, resolved, store), identity=resolved.identity,
@@ -122,7 +128,7 @@ def _fetch_stage(resolved: ResolvedSource) -> Stage:
                  version=VERSIONS["fetch"])
 
 
-def _corpus_digests(recipe) -> dict[str, str]:
+def corpus_digests(recipe) -> dict[str, str]:
     text = read_text(recipe.eval.corpus, what="eval.corpus")
     # Cheap plan-time bound (a token is at least one character); the exact count is checked
     # when the baseline tokenizes.

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.compat import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
+from pipeline.hardware import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
 from pipeline.recipe.gate import Gate
 from pipeline.recipe.variants import Variant
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.compat import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
 from pipeline.errors import DataError, InputError, SourceError, ToolError
+from pipeline.hardware import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
 from pipeline.recipe.schema import SLUG
 
 ENGINES = ("vllm", "trtllm", "llamacpp")

@@ -264,7 +264,11 @@ class TRTEngineBuild(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TRTEngineBuild":
-        from pipeline.compat import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
+        from pipeline.hardware import (
+            GPU_COMPUTE_CAPABILITY,
+            compute_capability,
+            normalise_gpu,
+        )
 
         if compute_capability(self.gpu) is None:
             raise ValueError(f"unknown GPU {self.gpu!r}; known: {', '.join(GPU_COMPUTE_CAPABILITY)}")
@@ -276,7 +280,7 @@ class TRTEngineBuild(_Strict):
     @property
     def profile(self) -> str:
         """``sm90-tp1-pp1-b8-s2048``: what makes one engine differ from another."""
-        from pipeline.compat import compute_capability
+        from pipeline.hardware import compute_capability
 
         sm = f"sm{int(round(compute_capability(self.gpu) * 10))}"
         return f"{sm}-tp{self.tp}-pp{self.pp}-b{self.max_batch_size}-s{self.max_seq_len}"

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import IntegrityError, StorageError
+from pipeline.files import MANIFEST
 from pipeline.hashing import digest_bytes
 from pipeline.storage.base import Storage
 from pipeline.storage.consume import latest_entries
 from pipeline.storage.registry import read_index
 
-MANIFEST = "manifest.json"
 METRICS = ("ppl", "ppl_ratio", "mean_kld", "p99_kld", "top1")
 
 

@@ -12,7 +12,6 @@ from pipeline.report.data import Row
 from pipeline.report.recommend import SPOKEN, Recommendation
 
 
-
 @dataclass
 class Report:
     model: str

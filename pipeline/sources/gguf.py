@@ -36,8 +36,7 @@ from pathlib import Path
 
 from pipeline.errors import SourceError
 from pipeline.hashing import sha256_file
-from pipeline.sources import ResolvedSource
-from pipeline.sources import tokenizer_check
+from pipeline.sources import ResolvedSource, tokenizer_check
 
 # llama.cpp: the imported tokenizer is checked against llama.cpp's reading of the file.
 TOOLS = ("transformers", "gguf", "torch", "sentencepiece", "llama.cpp")
@@ -269,8 +268,8 @@ def _faithful_tokenizer(tokenizer, path: Path, fields=None):
     """The tokenizer the GGUF file describes (see the module docstring); others pass through."""
     import json
 
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
     fields = fields if fields is not None else _fields(path, f"source {path.name}")
     value = lambda key: _value(fields, key)  # noqa: E731

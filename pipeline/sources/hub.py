@@ -41,7 +41,10 @@ def hub_errors(where: str, repo: str, revision: str, *, offline_fix: str) -> Ite
     cases only they can word, e.g. a missing file, inside this)."""
     import httpx
     from huggingface_hub.errors import (
-        HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     try:
@@ -121,3 +124,41 @@ def config_path(source, resolved: ResolvedSource) -> Path:
         local_files_only=_offline(),
     )
     return Path(path).parent
+
+
+def releases(recipe) -> dict[str, list[str]]:
+    """What the recipe's watch rules see upstream now: the source repo's tags and the matching
+    repositories of each watched author (one Hub API call each).
+
+    Raises:
+        SourceError: offline, unreachable, or the Hub refused.
+    """
+    from fnmatch import fnmatch
+
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    rules = recipe.watch
+    where = f"watch rules of {recipe.name}"
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        raise SourceError("HF_HUB_OFFLINE is set: the Hub cannot be asked for releases", where=where,
+                          fix="run where the Hub is reachable")
+    api = HfApi()
+    out: dict[str, list[str]] = {"tags": [], "repos": []}
+    try:
+        if rules.tags:
+            out["tags"] = sorted(t.name for t in api.list_repo_refs(recipe.source.repo).tags)
+        for i, rule in enumerate(rules.new_repos):
+            matched = [m.id for m in api.list_models(author=rule.author)
+                       if fnmatch(m.id.split("/", 1)[-1], rule.pattern)]
+            if not matched:
+                # Most likely a typo in the author or the pattern: watching nothing is not "nothing new".
+                raise SourceError(f"watch rule matches no repository: author {rule.author!r}, pattern {rule.pattern!r}",
+                                  where=f"watch.new_repos.{i}", fix="check the author and the pattern on the Hub")
+            out["repos"] += matched
+    except (HfHubHTTPError, OSError, httpx.TransportError) as e:
+        raise SourceError(f"cannot list releases on the Hub: {e.__class__.__name__}: {str(e).splitlines()[0]}",
+                          where=where, fix="check the network, HF_ENDPOINT and the watch rules") from None
+    out["repos"] = sorted(set(out["repos"]))
+    return out

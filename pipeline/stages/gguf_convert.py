@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.backends import llamacpp
+from pipeline.toolchains import gguf_reader, llamacpp_tools
 
 
 def run(ctx, stage, inputs, out: Path) -> dict:
     outtype = stage.params["outtype"]
     tmp = out / f".convert-{outtype}.gguf"
-    llamacpp.convert(inputs["fetch"].data, tmp, outtype, stage.params["metadata"], stage.params["license"])
-    meta = llamacpp.read_metadata(tmp)
-    final = out / llamacpp.file_name(meta, outtype.upper())
+    llamacpp_tools.convert(inputs["fetch"].data, tmp, outtype, stage.params["metadata"], stage.params["license"])
+    meta = gguf_reader.read_metadata(tmp)
+    final = out / gguf_reader.file_name(meta, outtype.upper())
     tmp.rename(final)
     return {"file": final.name, "size_bytes": final.stat().st_size, "metadata": _plain(meta)}
 

@@ -16,8 +16,10 @@ from pipeline.backends import llamacpp
 from pipeline.quality.corpus import read_text
 from pipeline.quality.reference import Reference
 from pipeline.quality.runner import window_logprobs
+
 # Shared with the fetch stage, which runs the same comparison for GGUF sources.
 from pipeline.sources.tokenizer_check import compare_tokenizers
+from pipeline.toolchains import gguf_reader
 
 
 def run(ctx, stage, inputs, out: Path) -> dict:
@@ -25,7 +27,7 @@ def run(ctx, stage, inputs, out: Path) -> dict:
     from transformers import AutoTokenizer
 
     p = stage.params
-    model = llamacpp.gguf_file(inputs[stage.inputs[0]].data)
+    model = gguf_reader.gguf_file(inputs[stage.inputs[0]].data)
     hf = AutoTokenizer.from_pretrained(inputs["fetch"].data, trust_remote_code=ctx.recipe.source.trust_remote_code)
     texts = [read_text(ctx.recipe.eval.corpus, what="eval.corpus"), *p["strings"]]
     tokenizer = compare_tokenizers(model, hf, texts)

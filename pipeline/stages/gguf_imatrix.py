@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.backends import llamacpp
 from pipeline.quality.calibration import calibration_samples
+from pipeline.toolchains import gguf_reader, llamacpp_tools
 
 
 def run(ctx, stage, inputs, out: Path) -> dict:
@@ -27,11 +27,11 @@ def run(ctx, stage, inputs, out: Path) -> dict:
     # The name is recorded in the matrix and in every file quantized with it.
     text = out / f"{corpus}-{settings['samples']}x{settings['seq_len']}-seed{settings['seed']}.txt"
     text.write_text("".join(tokenizer.decode(ids) for ids in samples), encoding="utf-8")
-    model = llamacpp.gguf_file(inputs[stage.inputs[0]].data)
+    model = gguf_reader.gguf_file(inputs[stage.inputs[0]].data)
     target = out / "imatrix.gguf"
     threads = max(1, os.cpu_count() or 1)
     with ctx.reporter.steps("llama-imatrix", 1) as advance:
-        llamacpp.imatrix(model, text, target, ctx=settings["seq_len"], chunks=settings["samples"], threads=threads)
+        llamacpp_tools.imatrix(model, text, target, ctx=settings["seq_len"], chunks=settings["samples"], threads=threads)
         advance(1)
     text.unlink()
     return {"file": target.name, "chunks": settings["samples"], "ctx": settings["seq_len"], "threads": threads}

@@ -8,16 +8,17 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.backends import get_backend, llamacpp
+from pipeline.backends import get_backend
 from pipeline.hashing import sha256_file
+from pipeline.toolchains import gguf_reader, llamacpp_tools
 
 
 def run(ctx, stage, inputs, out: Path) -> dict:
     name = stage.id.split("/", 1)[1]
     variant = ctx.variant(name)
     conversion = inputs[stage.params["base"]]
-    base = llamacpp.gguf_file(conversion.data)
-    target = out / llamacpp.file_name(conversion.result["metadata"], variant.type)
+    base = gguf_reader.gguf_file(conversion.data)
+    target = out / gguf_reader.file_name(conversion.result["metadata"], variant.type)
     imatrix = None
     if variant.type in ("F16", "BF16"):
         # The conversion is the file: a hard link into this entry (cache entries are immutable;
@@ -31,12 +32,12 @@ def run(ctx, stage, inputs, out: Path) -> dict:
         if imatrix_ids:
             imatrix = inputs[imatrix_ids[0]].data / "imatrix.gguf"
         tmp = out / f".{target.name}.tmp"
-        llamacpp.quantize(base, tmp, variant, imatrix_file=imatrix, threads=max(1, os.cpu_count() or 1))
+        llamacpp_tools.quantize(base, tmp, variant, imatrix_file=imatrix, threads=max(1, os.cpu_count() or 1))
         tmp.rename(target)
-    quantized = llamacpp.read_metadata(target)
+    quantized = gguf_reader.read_metadata(target)
     files = [target]
     if variant.split_max_size:
-        files = llamacpp.split(target, variant.split_max_size)
+        files = llamacpp_tools.split(target, variant.split_max_size)
     info = asdict(get_backend("llamacpp").describe(variant))
     info["serve"] = {engine: cmd.replace("{file}", files[0].name) for engine, cmd in info["serve"].items()}
     return {

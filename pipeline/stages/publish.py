@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.model_card import model_card
-from pipeline.serving import profile_files
-from pipeline.storage.manifest import build_manifest
+from pipeline.publishing.manifest import build_manifest
+from pipeline.publishing.model_card import model_card
+from pipeline.publishing.serving import profile_files
 from pipeline.storage.publish import publish_variant
 
 

@@ -5,7 +5,7 @@ The quality figures are the checkpoint's it was built from (same weights and sca
 
 from __future__ import annotations
 
-from pipeline.storage.manifest import build_manifest
+from pipeline.publishing.manifest import build_manifest
 from pipeline.storage.publish import publish_variant
 
 

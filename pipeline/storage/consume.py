@@ -14,15 +14,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pipeline.compat import GPU_COMPUTE_CAPABILITY, compute_capability
 from pipeline.errors import IntegrityError, StorageError
+from pipeline.hardware import GPU_COMPUTE_CAPABILITY, compute_capability
 from pipeline.hashing import sha256_file
 from pipeline.storage.base import Storage
 from pipeline.storage.location import check_name
 from pipeline.storage.manifest import file_problems
 from pipeline.storage.refs import Ref
 from pipeline.storage.registry import (
-    CLAIMS, INDEX, MANIFEST, pinned_versions, read_index, remove_entries, resolve, versions,
+    CLAIMS,
+    INDEX,
+    MANIFEST,
+    pinned_versions,
+    read_index,
+    remove_entries,
+    resolve,
+    versions,
 )
 
 ENGINES = {"vllm": "vllm", "trtllm": "trtllm", "trtllm-engine": "trtllm-engine", "llamacpp": "llama.cpp",

@@ -23,10 +23,10 @@ from typing import Any, Callable
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import StorageError
+from pipeline.files import MANIFEST, atomic_write
 from pipeline.hashing import copy_hashed, digest_bytes, list_tree, parallel_map
 from pipeline.storage.base import Records, Storage, check_expected
 
-MANIFEST = "manifest.json"
 STAGING = ".staging-"
 
 
@@ -80,25 +80,13 @@ class LocalStorage(Storage):
                 current = None
             if current != token:
                 return False
-            self._replace(path, data)
+            atomic_write(path, data)
             return True
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self._path(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._replace(path, data)
-
-    @staticmethod
-    def _replace(path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, data)
 
     def list_dir(self, rel: str) -> list[str]:
         path = self._path(rel)
@@ -134,7 +122,7 @@ class LocalStorage(Storage):
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 (staging / name).write_bytes(data)
                 records.append({"path": name, "size": len(data), "sha256": digest_bytes(data)})
-            self._replace(staging / MANIFEST, make_manifest(sorted(records, key=lambda r: r["path"])))
+            atomic_write(staging / MANIFEST, make_manifest(sorted(records, key=lambda r: r["path"])))
             for path in staging.rglob("*"):
                 if path.is_file():  # published bytes are not to be edited in place
                     os.chmod(path, path.stat().st_mode & ~0o222)

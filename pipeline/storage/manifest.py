@@ -1,85 +1,19 @@
-"""The manifest written beside every published variant (``manifest.json``).
+"""Reading and checking the manifest beside every published variant (``manifest.json``): that it
+is modelbuild's, names each file once inside its folder, and that the files match it.
 
-It says what the files are (every file's sha256 and size), where they came from (source repo and
-commit or file digest, recipe digest, tool versions, calibration and eval data digests), how good
-they are (metrics against the baseline, and how the CPU computed them), whether they passed their
-gate, and how to serve them.
+What goes into one is built by ``pipeline.publishing.manifest``.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pipeline import __version__
 from pipeline.errors import IntegrityError
+from pipeline.files import MANIFEST
 from pipeline.hashing import parallel_map, sha256_file
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-
-
-def build_manifest(ctx, stage, inputs) -> dict[str, Any]:
-    """Everything but ``files``, ``version`` and ``serve`` (publish fills those in)."""
-    name = stage.params["variant"]
-    recipe = ctx.recipe
-    variant = ctx.variant(name)
-    quant = inputs[f"quantize/{name}"]
-    evaluation = inputs[f"evaluate/{name}"].result
-    baseline = inputs["baseline"].result
-    plan = ctx.plan
-    stages = plan.by_id()
-    used_tools = sorted({t for sid in (f"quantize/{name}", f"evaluate/{name}", "fetch") for t in stages[sid].tools})
-    data: dict[str, Any] = {
-        "eval": {
-            "path": str(recipe.eval.corpus),
-            "sha256": plan.data["eval"],
-            "tokens_scored": baseline["tokens_scored"],
-            "seq_len": recipe.eval.seq_len,
-        },
-        "calibration": None,
-    }
-    settings = stages[f"quantize/{name}"].params.get("calibration")
-    for upstream in stages[f"quantize/{name}"].inputs:  # GGUF: calibration feeds the importance matrix
-        settings = settings or stages[upstream].params.get("calibration")
-    if settings is not None:
-        cal = recipe.calibration
-        source = {"path": str(cal.path)} if cal.path is not None else {"dataset": cal.dataset.model_dump(exclude_none=True)}
-        data["calibration"] = {**source, **settings}
-    manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "model": stage.params["model"],
-        "variant": name,
-        "build_key": stage.key,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {**ctx.source.provenance, "checkpoint_digest": inputs["fetch"].entry.digest},
-        "license": recipe.source.license,
-        "recipe": {"name": recipe.name, "path": str(ctx.loaded.path), "sha256": ctx.loaded.digest},
-        "variant_spec": variant.model_dump(mode="json"),
-        "format": quant.result["format"],
-        "size_bytes": quant.result["size_bytes"],
-        "tools": {"modelbuild": __version__, **{t: plan.tool_versions[t] for t in used_tools}},
-        "data": data,
-        "baseline": {"ppl": baseline["ppl"]},
-        "metrics": evaluation["metrics"],
-        "evaluation": {
-            "device": evaluation["device"],
-            "method": evaluation["cpu_evaluation"],
-            "kld": evaluation["kld_method"],
-        },
-        "gate": inputs[f"gate/{name}"].result,
-    }
-    if f"speed/{name}" in inputs:
-        manifest["speed"] = inputs[f"speed/{name}"].result
-    if "gguf/fidelity" in inputs:
-        fidelity = inputs["gguf/fidelity"].result
-        manifest["fidelity"] = {k: fidelity[k] for k in ("tokenizer", "f16_mean_kld", "f16_max_kld", "max_kld")}
-    if quant.result.get("tensor_types") is not None:
-        manifest["gguf"] = {k: quant.result[k] for k in
-                            ("files", "file_type", "tensor_types", "metadata", "imatrix_sha256", "conversion")}
-    return manifest
 
 
 def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:

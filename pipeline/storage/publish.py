@@ -20,7 +20,15 @@ from pipeline.storage.base import Storage
 from pipeline.storage.location import check_name
 from pipeline.storage.manifest import parse_manifest
 from pipeline.storage.registry import (
-    CLAIMS, MANIFEST, add_entry, entry_from_manifest, is_version_name, move_channel, read_channel, update, versions,
+    CLAIMS,
+    MANIFEST,
+    add_entry,
+    entry_from_manifest,
+    is_version_name,
+    move_channel,
+    read_channel,
+    update,
+    versions,
 )
 
 

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 from pipeline.errors import IntegrityError, StorageError
+from pipeline.files import MANIFEST
 from pipeline.hashing import digest_bytes
 from pipeline.storage.base import Storage
 from pipeline.storage.manifest import parse_manifest
@@ -26,7 +27,6 @@ from pipeline.storage.refs import Ref
 
 INDEX = "index.json"
 INDEX_FORMAT = 1
-MANIFEST = "manifest.json"
 CLAIMS = ".claims"  # per variant: build key -> the version name its first publisher chose
 _VERSION = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{12}$")
 _ATTEMPTS = 200  # 8 racing publishers settle in a handful; this bounds a pathological store

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.errors import StorageError, ToolError
+from pipeline.files import MANIFEST
 from pipeline.hashing import digest_bytes, list_tree, parallel_map, sha256_file
 from pipeline.storage.base import Records, Storage, check_expected
 
-MANIFEST = "manifest.json"
 _RETRIES = 5
 _CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "Forbidden", "403"}

@@ -10,15 +10,13 @@ upgraded, the data or the recipe changed.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.files import atomic_write
 
 LOCK_VERSION = 2
 
@@ -114,7 +112,7 @@ def write(prepared, *, acknowledge_releases: bool = False) -> tuple[Path, bool]:
     With watch rules and ``acknowledge_releases`` (``modelbuild lock``), the upstream releases seen
     now are recorded (what ``watch`` compares against); otherwise the lock's earlier record is kept.
     Releases never enter ``--locked`` checks: they do not change what is built."""
-    from pipeline.watch import releases
+    from pipeline.sources.hub import releases
 
     path = prepared.loaded.lock_path
     lock = current(prepared)
@@ -130,13 +128,9 @@ def write(prepared, *, acknowledge_releases: bool = False) -> tuple[Path, bool]:
             and old.get("releases") == lock.get("releases")):
         return path, False
     lock["resolved_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     try:
-        tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(lock, indent=2, sort_keys=True) + "\n")
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write lock file {path.name}: {e.strerror or e}", where=str(path),
                          fix="make the recipe's folder writable (the lock file lives beside the recipe)") from None
     return path, True

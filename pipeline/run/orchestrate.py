@@ -6,13 +6,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import lockfile
 from pipeline.backends import get_backend
 from pipeline.cache.store import CacheStore
 from pipeline.executors.local import Report, execute
 from pipeline.plan.build import Plan, build_plan
 from pipeline.progress import Reporter
 from pipeline.recipe.load import LoadedRecipe, load_recipe
+from pipeline.run import lockfile
 from pipeline.stages.context import RunContext
 from pipeline.storage.location import default_root, open_storage
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.compat import compute_capability
+from pipeline.hardware import compute_capability
 
 PROFILE_DIR = "serving"
 

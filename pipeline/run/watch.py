@@ -42,11 +42,12 @@ def check(recipe_path: Path) -> Check:
     Raises:
         RecipeError: the recipe itself is broken (that is the caller's input, not the upstream's).
     """
-    from pipeline import lockfile
     from pipeline.errors import ModelbuildError
-    from pipeline.plan.build import _corpus_digests
+    from pipeline.plan.build import corpus_digests
     from pipeline.recipe.load import load_recipe
+    from pipeline.run import lockfile
     from pipeline.sources import resolve
+    from pipeline.sources.hub import releases
 
     loaded = load_recipe(recipe_path)
     recipe = loaded.recipe
@@ -54,7 +55,7 @@ def check(recipe_path: Path) -> Check:
         return Check(recipe_path, "unknown", reason="HF_HUB_OFFLINE is set: the Hub cannot be asked for new commits")
     try:
         provenance = resolve(recipe.source).provenance
-        data = _corpus_digests(recipe)
+        data = corpus_digests(recipe)
     except ModelbuildError as e:
         return Check(recipe_path, "unknown", reason=e.render())
     locked = lockfile.read(loaded.lock_path)
@@ -79,12 +80,12 @@ def rebuild(recipe_path: Path, *, cache_dir: Path | None, storage: str | None) -
     when every gate passed. Returns ``(ok, what happened)``."""
     import time
 
-    from pipeline import lockfile
     from pipeline.errors import GateFailed, ModelbuildError
-    from pipeline.orchestrate import prepare
-    from pipeline.orchestrate import run as run_prepared
     from pipeline.progress import Reporter
-    from pipeline.run_report import default_folder, write_for_run
+    from pipeline.run import lockfile
+    from pipeline.run.orchestrate import prepare
+    from pipeline.run.orchestrate import run as run_prepared
+    from pipeline.run.report import default_folder, write_for_run
     from pipeline.stages.gate import failure_lines
 
     prepared, report, started = None, None, time.time()
@@ -104,46 +105,6 @@ def rebuild(recipe_path: Path, *, cache_dir: Path | None, storage: str | None) -
         write_for_run(default_folder(prepared.loaded.recipe.name), prepared, report, exit_code=code, error=error,
                       seconds=time.time() - started)
     return ok, message
-
-
-def releases(recipe) -> dict[str, list[str]]:
-    """What the recipe's watch rules see upstream now: the source repo's tags and the matching
-    repositories of each watched author (one Hub API call each).
-
-    Raises:
-        SourceError: offline, unreachable, or the Hub refused.
-    """
-    from fnmatch import fnmatch
-
-    import httpx
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from pipeline.errors import SourceError
-
-    rules = recipe.watch
-    where = f"watch rules of {recipe.name}"
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
-        raise SourceError("HF_HUB_OFFLINE is set: the Hub cannot be asked for releases", where=where,
-                          fix="run where the Hub is reachable")
-    api = HfApi()
-    out: dict[str, list[str]] = {"tags": [], "repos": []}
-    try:
-        if rules.tags:
-            out["tags"] = sorted(t.name for t in api.list_repo_refs(recipe.source.repo).tags)
-        for i, rule in enumerate(rules.new_repos):
-            matched = [m.id for m in api.list_models(author=rule.author)
-                       if fnmatch(m.id.split("/", 1)[-1], rule.pattern)]
-            if not matched:
-                # Most likely a typo in the author or the pattern: watching nothing is not "nothing new".
-                raise SourceError(f"watch rule matches no repository: author {rule.author!r}, pattern {rule.pattern!r}",
-                                  where=f"watch.new_repos.{i}", fix="check the author and the pattern on the Hub")
-            out["repos"] += matched
-    except (HfHubHTTPError, OSError, httpx.TransportError) as e:
-        raise SourceError(f"cannot list releases on the Hub: {e.__class__.__name__}: {str(e).splitlines()[0]}",
-                          where=where, fix="check the network, HF_ENDPOINT and the watch rules") from None
-    out["repos"] = sorted(set(out["repos"]))
-    return out
 
 
 def new_releases(locked: dict | None, now: dict[str, list[str]]) -> list[str]:
