@@ -227,6 +227,8 @@ class Reporter:
         """The stage in progress: one that said so, else (uncached stages print no start line)
         the first unfinished one of the plan, begun when the last stage ended."""
         run = self._run
+        if run is None:
+            return None
         if run.running:
             stage_id, (index, started) = next(reversed(run.running.items()))
             return stage_id, index, started
@@ -252,24 +254,26 @@ class Reporter:
                     unknown += 1
                 else:
                     left, known = left + rest, True
-            elif run.expected(planned) is None:
-                unknown += 1
             else:
-                left, known = left + run.expected(planned), True
+                expected = run.expected(planned)
+                if expected is None:
+                    unknown += 1
+                else:
+                    left, known = left + expected, True
         return (round(left, 1) if known or not unknown else None), unknown
 
     def _current_rest(self, planned: PlannedStage, elapsed: float) -> float | None:
         step = self._steps[0] if self._steps else None  # the outermost step spans most of the stage
         if step is not None and step.total > 0 and step.done > 0:
             return (self._clock() - step.started) * (step.total - step.done) / step.done
-        expected = self._run.expected(planned)
+        expected = self._run.expected(planned) if self._run is not None else None
         if expected is None:
             return None
         return max(0.0, expected - elapsed)
 
     def _timing(self, now: float) -> str:
         eta, unknown = self._eta_seconds()
-        elapsed = f"run {duration(now - self._run.started)}"
+        elapsed = f"run {duration(now - self._run.started)}" if self._run is not None else "run"
         if eta is None:
             return f"{elapsed}, ETA unknown"
         return f"{elapsed}, ETA {duration(eta)}" + (f" + {unknown} untimed stage{'s' * (unknown > 1)}" if unknown else "")
@@ -313,6 +317,8 @@ class Reporter:
         eta, unknown = self._eta_seconds()
         label = escape(f"[{index}/{total}] {stage_id}" if status == "running" else f"[{index}/{total}] after {stage_id}")
         eta_text = "ETA ?" if eta is None else f"ETA {duration(eta)}" + ("+" if unknown else "")
+        if self._live is None or self._run is None:
+            return
         if self._live_stage is None:
             self._live_stage = self._live.add_task(label, total=total, eta=eta_text)
         self._live.update(self._live_stage, description=label, completed=len(self._run.finished), eta=eta_text)
@@ -326,7 +332,7 @@ class Reporter:
     # -- steps inside a stage ----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def steps(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    def steps(self, description: str, total: int) -> Iterator[Callable[..., None]]:
         """A step of ``total`` units inside the running stage; yields ``advance(n=1)``."""
         if self._run is None and self.mode == "terminal":
             with self._standalone_bar(description, total) as advance:
@@ -348,7 +354,7 @@ class Reporter:
                     self._live.remove_task(step.task)
 
     @contextlib.contextmanager
-    def _standalone_bar(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    def _standalone_bar(self, description: str, total: int) -> Iterator[Callable[..., None]]:
         """Outside a run (a stage called on its own): a transient bar of its own."""
         with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.console, transient=True) as progress:
@@ -372,7 +378,8 @@ class Reporter:
         if bucket == step.shown:
             return
         step.shown = bucket
-        stage = self._current()[0] if self._run is not None and self._current() else None
+        current = self._current()
+        stage = current[0] if current is not None else None
         self._emit_event({"event": "step", "stage": stage, "step": step.description, "done": step.done,
                           "total": step.total}, text=f"  {step.description}: {step.done}/{step.total}")
 
@@ -433,7 +440,7 @@ class Reporter:
 
 
 @contextlib.contextmanager
-def steps(description: str, total: int) -> Iterator[Callable[[int], None]]:
+def steps(description: str, total: int) -> Iterator[Callable[..., None]]:
     """A step of the run in progress (for code that is handed no reporter: backends); outside a
     run it reports nothing."""
     reporter = _ACTIVE.get()

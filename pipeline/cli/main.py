@@ -68,7 +68,7 @@ def _report_dirs(recipes_: list[str], base: str | None) -> list[str | None]:
     if base is None:
         return [None] * len(recipes_)
     seen: dict[str, int] = {}
-    out = []
+    out: list[str | None] = []
     for recipe in recipes_:
         stem = Path(recipe).stem
         seen[stem] = seen.get(stem, 0) + 1

@@ -13,7 +13,7 @@ Files in the baseline stage's cache entry:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pipeline.quality import metrics
 from pipeline.quality.runner import torch_forward, window_logprobs
@@ -35,6 +35,7 @@ def write_reference(out: Path, model, windows, *, top_k: int | None, device: str
     n, s = windows.shape
     vocab = int(model.config.vocab_size)
     full = _NpyWriter(out / FULL, (n, s - 1, vocab)) if top_k is None else None
+    k = top_k or 0  # used only when top_k is set
     per_position: dict[str, list] = {}
     for logprobs, next_ids in window_logprobs(torch_forward(model), windows, device):
         if logprobs.shape[-1] != vocab:
@@ -43,7 +44,7 @@ def write_reference(out: Path, model, windows, *, top_k: int | None, device: str
             rows, lp16 = metrics.reference_full(logprobs, next_ids)
             full.write(lp16.numpy())
         else:
-            target, values, ids = metrics.reference_topk(logprobs, next_ids, top_k)
+            target, values, ids = metrics.reference_topk(logprobs, next_ids, k)
             rows = {"target_logprob": target, "topk_logprobs": values, "topk_ids": ids}
         for name, tensor in rows.items():
             per_position.setdefault(name, []).append(tensor)
@@ -141,7 +142,7 @@ class _NpyReader:
             raise ValueError(f"{path}: expected a C-order float16 array")
         self.offset = self.file.tell()
         self.shape = shape
-        self.buffer = np.empty(shape[1:], dtype=np.float16)
+        self.buffer: Any = np.empty(shape[1:], dtype=np.float16)
 
     def read(self, i: int):
         self.file.seek(self.offset + i * self.buffer.nbytes)

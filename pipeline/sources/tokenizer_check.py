@@ -27,6 +27,7 @@ import logging
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import SourceError
 
@@ -88,7 +89,8 @@ def compare_tokenizers(model: Path, hf, texts: list[str]) -> dict:
     llama_cpp = toolchain.import_bindings(toolchain.find())
     vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
     try:
-        first, mismatches, total = [], 0, 0
+        first: list[dict[str, Any]] = []
+        mismatches, total = 0, 0
         for text in texts:
             ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True)
             theirs = hf(text, add_special_tokens=False)["input_ids"]

@@ -15,7 +15,6 @@ from pipeline.files import MANIFEST
 from pipeline.hashing import parallel_map, sha256_file
 
 
-
 def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     """A manifest's bytes as modelbuild wrote them, or an IntegrityError naming ``where``.
 

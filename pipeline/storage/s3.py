@@ -272,7 +272,8 @@ class S3Storage(Storage):
         base = self.prefix.rstrip("/") + "/" if self.prefix else ""
 
         async def pending() -> list[dict[str, Any]]:
-            out, marker = [], {}
+            out: list[dict[str, Any]] = []
+            marker: dict[str, str] = {}
             while True:
                 page = await self.fs._call_s3("list_multipart_uploads", Bucket=self.bucket, Prefix=prefix, **marker)
                 out += page.get("Uploads", [])

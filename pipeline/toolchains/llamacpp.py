@@ -245,14 +245,14 @@ def install(log=print, jobs: int | None = None, *, cache: bool = True, bindings:
     started = time.monotonic()
     folder = root()
     store = cache_dir() if cache else None
+    chain: Toolchain | None
     try:
         chain = find()
     except ToolError:
         chain = None
-    else:
-        if not bindings or _bindings_installed():
-            log(f"llama.cpp {chain.commit[:7]} already built in {_shown(chain.root)}: nothing to do")
-            return chain
+    if chain is not None and (not bindings or _bindings_installed()):
+        log(f"llama.cpp {chain.commit[:7]} already built in {_shown(chain.root)}: nothing to do")
+        return chain
     if chain is None:
         for exe in ("cmake", "c++"):
             if shutil.which(exe) is None:
