@@ -9,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.options import StorageOpt, storage_url
-from pipeline.cli.registry import JsonOpt
+from pipeline.cli.options import JsonOpt, StorageOpt, storage_url
 
 
 def verify(

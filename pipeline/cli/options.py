@@ -47,3 +47,5 @@ def storage_url(storage: str | None) -> str:
     """The store a command without a recipe reads: ``--storage``/``$MODELBUILD_STORAGE`` as typer
     passed it, else ``./artifacts``."""
     return storage if storage is not None else default_storage()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]

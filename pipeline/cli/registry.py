@@ -11,9 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline.cli.options import StorageOpt, storage_url
+from pipeline.cli.options import JsonOpt, StorageOpt, storage_url
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 # No brackets in help texts: rich reads "[@VERSION]" as markup and drops it from the page.
 RefArg = Annotated[str, typer.Argument(help="MODEL, MODEL/VARIANT, MODEL/VARIANT@VERSION or MODEL/VARIANT@CHANNEL.",
                                        show_default=False, metavar="REF")]
@@ -22,9 +21,7 @@ RefArg = Annotated[str, typer.Argument(help="MODEL, MODEL/VARIANT, MODEL/VARIANT
 def register(app: typer.Typer) -> None:
     """Every command under ``modelbuild store``, and under the same name at the top level, hidden
     from its help: the top-level names came first, and scripts call them."""
-    from pipeline.cli.inspect import (
-        verify,  # inspect imports this module's option types
-    )
+    from pipeline.cli.inspect import verify
 
     store = typer.Typer(help="The published store: list, inspect, pull, verify, move channels, clean up, deploy.",
                         no_args_is_help=True)
