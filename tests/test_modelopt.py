@@ -329,9 +329,9 @@ def test_format_missing_from_the_installed_modelopt(cli, dirs, tmp_path, tiny_mo
     formats this ModelOpt has."""
     import modelopt.torch.quantization as mtq
 
-    from pipeline.recipe.variants import MODELOPT_QFORMATS
+    from pipeline.backends.modelopt import QFORMATS
 
-    monkeypatch.delattr(mtq, MODELOPT_QFORMATS["nvfp4"])
+    monkeypatch.delattr(mtq, QFORMATS["nvfp4"]["preset"])
     recipe = modelopt_recipe(tmp_path, tiny_model, wikitext, "- name: x\n  backend: modelopt\n  qformat: nvfp4\n",
                              targets="targets:\n  - {gpu: B200}\n")
     code, _out, err = cli("plan", recipe)

@@ -210,10 +210,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(cli, recipe_factory, dirs, tmp
 
 def test_calibration_with_the_eval_text_under_another_name(recipe_factory, tmp_path, tiny_model, monkeypatch):
     """Same bytes, different path: caught by digest at plan time for calibrated variants."""
+    from pipeline.backends.llmcompressor import LLMCompressorVariant
     from pipeline.errors import DataError
     from pipeline.plan.build import corpus_digests
     from pipeline.recipe import load_recipe
-    from pipeline.recipe.variants import LLMCompressorVariant
 
     recipe = load_recipe(_bad_recipe("calibration_same_content", recipe_factory, tmp_path, tiny_model)).recipe
     monkeypatch.setattr(LLMCompressorVariant, "needs_calibration", lambda self: True)

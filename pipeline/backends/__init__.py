@@ -1,21 +1,14 @@
 """Quantization backends: one module each, behind the small interface in ``base``.
 
-``CATALOGUE`` maps the recipe's ``backend:`` names to import paths; modules are imported only
-when a backend is used, so ``modelbuild --help``/``validate``/``schema`` never import torch or a
-backend library.
+``pipeline.catalogue.BACKENDS`` names them; a module is imported only when its backend is used
+(or a recipe is validated: backend modules import no library at import time), so ``modelbuild
+--help``/``validate``/``schema`` never import torch or a backend library.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from pipeline.backends.base import Backend
-
-CATALOGUE: dict[str, str] = {
-    "llmcompressor": "pipeline.backends.llmcompressor:LLMCompressorBackend",
-    "llamacpp": "pipeline.backends.llamacpp:LlamaCppBackend",
-    "modelopt": "pipeline.backends.modelopt:ModelOptBackend",
-}
+from pipeline.backends.base import Backend, Quantizer
+from pipeline.catalogue import BACKENDS, backend_class
 
 
 def get_backend(name: str) -> Backend:
@@ -24,8 +17,18 @@ def get_backend(name: str) -> Backend:
     Raises:
         KeyError: unknown name (the recipe schema rejects those before this is reached).
     """
-    module_name, _, attr = CATALOGUE[name].partition(":")
-    return getattr(importlib.import_module(module_name), attr)()
+    return backend_class(name)()
 
 
-__all__ = ["CATALOGUE", "Backend", "get_backend"]
+def distributions() -> list[tuple[str, str]]:
+    """Every catalogued backend's (import name, distribution name) pairs, each pair once, in
+    catalogue order (what a worker must have installed to run any backend's stages)."""
+    pairs: list[tuple[str, str]] = []
+    for name in BACKENDS:
+        for pair in backend_class(name).distributions:
+            if pair not in pairs:
+                pairs.append(pair)
+    return pairs
+
+
+__all__ = ["Backend", "Quantizer", "distributions", "get_backend"]

@@ -1,4 +1,5 @@
-"""The interface every quantization backend implements."""
+"""The interface of a quantization backend: what every backend provides (``Backend``) and the
+capability of writing a checkpoint in the generic quantize stage (``Quantizer``)."""
 
 from __future__ import annotations
 
@@ -43,16 +44,19 @@ class FormatInfo:
 
 
 class Backend(ABC):
-    """A quantization backend.
+    """A quantization backend: declared data, the format of its output and how to evaluate it.
 
     Class attributes:
-        name: the recipe's ``backend:`` value.
+        name: the recipe's ``backend:`` value (its line in ``pipeline.catalogue.BACKENDS``).
+        variant: the recipe's parameter model of its variants (a ``pipeline.recipe.variants.VariantBase``
+            whose ``backend`` literal is ``name``); the recipe's variant union is built from these.
         distributions: (import name, distribution name) pairs it needs; their versions enter
             the quantize stage's key.
         extra: the ``pip install 'modelbuild[extra]'`` that provides them.
     """
 
     name: ClassVar[str]
+    variant: ClassVar[type]
     distributions: ClassVar[tuple[tuple[str, str], ...]]
     extra: ClassVar[str]
 
@@ -84,10 +88,6 @@ class Backend(ABC):
     @abstractmethod
     def describe(self, variant: Any) -> FormatInfo:
         """Format, engines and serving command of the variant's output (no heavy imports)."""
-
-    @abstractmethod
-    def quantize(self, variant: Any, source: Path, out: Path, *, calibration: Any, device: str) -> dict[str, Any]:
-        """Write the quantized checkpoint of ``source`` into ``out``; return facts for the manifest."""
 
     @abstractmethod
     def load_for_eval(self, path: Path, device: str) -> Any:
@@ -128,3 +128,13 @@ class Backend(ABC):
         from pipeline.quality.runner import torch_forward
 
         return torch_forward(model)
+
+
+class Quantizer(Backend):
+    """A backend whose checkpoint the generic quantize stage writes (the standard chain: quantize,
+    evaluate, gate, publish). Backends whose variants are built by stages of their own (llama.cpp's
+    conversion and ``llama-quantize``) are plain ``Backend``s."""
+
+    @abstractmethod
+    def quantize(self, variant: Any, source: Path, out: Path, *, calibration: Any, device: str) -> dict[str, Any]:
+        """Write the quantized checkpoint of ``source`` into ``out``; return facts for the manifest."""

@@ -15,17 +15,23 @@ Everything goes through the pinned toolchain (``pipeline.toolchains.llamacpp``):
 
 The real per-tensor types of every file are read back with llama.cpp's GGUF parser: small models
 whose rows are not multiples of 256 get simpler types than the file type's name says.
+
+The module also holds the recipe's parameter model of GGUF variants (``LlamaCppVariant``) and the
+file-type table (``GGUF_TYPES``) it validates against. Not a ``Quantizer``: the GGUF stages
+(``pipeline.plan.gguf``) build these variants.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.backends.base import Backend, FormatInfo
-from pipeline.errors import RecipeError, StageError
-from pipeline.recipe.variants import GGUF_TYPES
+from pipeline.errors import RecipeError
+from pipeline.recipe.variants import VariantBase, check_regex
 from pipeline.toolchains import llamacpp as toolchain
 from pipeline.toolchains.gguf_reader import gguf_file
 from pipeline.toolchains.llamacpp_tools import supported_architectures
@@ -34,8 +40,83 @@ EVALUATION = ("llama.cpp's own forward pass on the CPU (llama-cpp-python over th
               "logits): weights and activations exactly as a llama.cpp replica computes them")
 
 
+# llama.cpp file types (llama-quantize's names) → nominal bits per weight on a Llama-sized model
+# (from llama-quantize's own table; small models with tensors that are not multiples of 256 fall
+# back to simpler types for many tensors, so the real mix is read back from each file).
+GGUF_TYPES: dict[str, float] = {
+    "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54, "Q5_1": 6.0,
+    "Q5_0": 5.5, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_1": 5.0, "Q4_0": 4.5, "IQ4_XS": 4.25, "IQ4_NL": 4.5,
+    "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "IQ3_M": 3.66, "IQ3_XXS": 3.06, "Q2_K": 3.0, "IQ2_M": 2.7,
+    "IQ2_XS": 2.31, "IQ2_XXS": 2.06,
+}
+# Types llama-quantize refuses to make without an importance matrix.
+GGUF_NEED_IMATRIX = ("IQ2_XS", "IQ2_XXS")
+# ggml tensor types a recipe may pin single tensors to (llama-quantize --tensor-type and friends).
+GGML_TENSOR_TYPES = (
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "iq4_xs", "iq4_nl",
+    "q3_k", "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "iq2_xxs",
+)
+GGMLType = Literal[GGML_TENSOR_TYPES]  # type: ignore[valid-type]
+
+
+class LlamaCppVariant(VariantBase):
+    """A GGUF file made by llama.cpp's converter and quantizer, served by llama.cpp."""
+
+    backend: Literal["llamacpp"]
+    type: Literal[tuple(GGUF_TYPES)] = Field(description="llama-quantize file type, e.g. Q4_K_M")  # type: ignore[valid-type]
+    imatrix: bool | None = Field(
+        None, description="use an importance matrix from the recipe's calibration text; default: on at <= 4 bits"
+    )
+    tensor_types: dict[str, GGMLType] = Field(
+        default_factory=dict, description="tensor name pattern -> ggml type (llama-quantize --tensor-type)"
+    )
+    output_type: GGMLType | None = Field(None, description="type of output.weight")
+    token_embedding_type: GGMLType | None = Field(None, description="type of token_embd.weight")
+    split_max_size: str | None = Field(
+        None, pattern=r"^[1-9][0-9]*[MG]$", description="split files above this size (e.g. 2G), llama.cpp split naming"
+    )
+
+    @field_validator("tensor_types")
+    @classmethod
+    def _tensor_patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        # llama-quantize takes each as `PATTERN=TYPE` and compiles PATTERN as a regex.
+        for pattern in value:
+            if not pattern or "=" in pattern:
+                raise ValueError(f"tensor name pattern {pattern!r} must be non-empty and contain no '='")
+            check_regex(pattern, pattern)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LlamaCppVariant":
+        if self.type in ("F16", "BF16"):
+            if self.imatrix:
+                raise ValueError(f"imatrix does not apply to {self.type} (nothing is quantized)")
+            if self.tensor_types or self.output_type or self.token_embedding_type:
+                raise ValueError(f"tensor type overrides do not apply to {self.type}")
+        if self.type in GGUF_NEED_IMATRIX and self.imatrix is False:
+            raise ValueError(f"{self.type} needs an importance matrix (imatrix: true)")
+        return self
+
+    def uses_imatrix(self) -> bool:
+        if self.imatrix is not None:
+            return self.imatrix
+        # On by default for the 4-bit and smaller types (Q4_*, IQ4_*, Q3_*, ...), as llama.cpp's
+        # own guidance recommends; the digit after Q is the type's bit class.
+        return self.type not in ("F16", "BF16") and int(self.type.lstrip("IQ")[0]) <= 4
+
+    def needs_calibration(self) -> bool:
+        return self.uses_imatrix()
+
+    def backend_params(self) -> dict:
+        # The resolved imatrix choice shapes the bytes, not whether it was spelled out.
+        return {**super().backend_params(), "imatrix": self.uses_imatrix()}
+
+
 class LlamaCppBackend(Backend):
+    """Not a ``Quantizer``: its variants are built by the GGUF stages (``pipeline.plan.gguf``)."""
+
     name = "llamacpp"
+    variant = LlamaCppVariant
     distributions = (("llama_cpp", "llama-cpp-python"),)
     extra = "gguf"
 
@@ -75,9 +156,6 @@ class LlamaCppBackend(Backend):
                 f"(llama.cpp {chain.commit[:7]}, llama-cpp-python {toolchain.BINDINGS_VERSION})",
                 field="type", fix="drop the GGUF variants or use a model llama.cpp supports",
             )
-
-    def quantize(self, variant, source, out, *, calibration, device):  # pragma: no cover - see gguf stages
-        raise StageError("GGUF variants are built by the gguf_* stages, not the generic quantize stage")
 
     def load_for_eval(self, path: Path, device: str) -> Any:
         return LlamaEval(gguf_file(path))

@@ -18,6 +18,9 @@ redo that work), and the activation quantization the engine performs (FP8/INT8 p
 FP8, NVFP4/MXFP4 groups) is simulated on each quantized layer's input with compressed-tensors'
 arithmetic (``simulated_activations``: the library's ``forward_quantize``, or faster functions
 pinned bit for bit to it).
+
+The module also holds the recipe's parameter model of these variants (``LLMCompressorVariant``) and
+the one scheme table (``SCHEMES``) that both its validation and the quantizer read.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pipeline.backends.base import Backend, FormatInfo
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.backends.base import FormatInfo, Quantizer
 from pipeline.backends.shapes import config_dtype, linear_input_widths, weight_owners
 from pipeline.backends.simulated_activations import (
     SharedInputQDQ,
@@ -36,34 +41,145 @@ from pipeline.backends.simulated_activations import (
     output_hook,
 )
 from pipeline.errors import StageError
+from pipeline.recipe.variants import Strict, VariantBase, check_regex
 
 _W16 = "weights: stored {w} dequantized exactly; activations: not quantized (16-bit in the engine, fp32 here)"
-_SCHEMES: dict[str, dict[str, Any]] = {
-    # min_cc: lowest compute capability on which vLLM runs the format's own kernels
-    # (llm-compressor's scheme guide: INT W4A16/W8A16/W8A8 7.5, FP8 8.9, FP4 10.0).
+# The llm-compressor / compressed-tensors preset names modelbuild builds, evaluates and records
+# (whether the installed compressed-tensors has a preset is checked at plan time): the recipe's
+# ``scheme`` choices, in this order.
+# min_cc: lowest compute capability on which vLLM runs the format's own kernels
+# (llm-compressor's scheme guide: INT W4A16/W8A16/W8A8 7.5, FP8 8.9, FP4 10.0).
+SCHEMES: dict[str, dict[str, Any]] = {
+    # FP8 weights per channel, FP8 activations per token (dynamic)
     "FP8_DYNAMIC": {"bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-channel scales) "
                     "dequantized exactly; input activations: FP8 per-token dynamic quantization simulated in fp32"},
+    # FP8 weights per tensor, FP8 activations per tensor (static, calibrated)
     "FP8": {"bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-tensor scale) dequantized exactly; "
             "input activations: FP8 with the calibrated static per-tensor scales, simulated in fp32"},
+    # INT8 weights per channel, INT8 activations per token (dynamic)
     "W8A8": {"bits": 8, "min_cc": 7.5, "eval": "weights: stored INT8 (per-channel scales) dequantized exactly; "
              "input activations: INT8 per-token dynamic quantization simulated in fp32"},
+    # INT8 weights per group, 16-bit activations
     "W8A16": {"bits": 8, "min_cc": 7.5, "eval": _W16.format(w="INT8 (per-group scales)")},
+    # INT4 weights per group (symmetric), 16-bit activations
     "W4A16": {"bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales)")},
+    # INT4 weights per group with zero points
     "W4A16_ASYM": {"bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales and zero points)")},
+    # FP4 (E2M1) weights, FP8 scales per 16, fp32 global scale
     "NVFP4A16": {"bits": 4, "min_cc": 10.0, "eval": _W16.format(w="FP4 (E2M1, FP8 scales per 16, fp32 global scale)")},
+    # NVFP4 weights and activations (calibrated global input scales)
     "NVFP4": {"bits": 4, "min_cc": 10.0, "eval": "weights: stored NVFP4 dequantized exactly; input activations: "
               "NVFP4 (FP8 scales per 16 computed per token group, calibrated global scale) simulated in fp32"},
+    # FP4 weights, E8M0 scales per 32
     "MXFP4A16": {"bits": 4, "min_cc": 10.0, "eval": _W16.format(w="MXFP4 (E2M1, E8M0 scales per 32)")},
+    # MXFP4 weights and activations
     "MXFP4": {"bits": 4, "min_cc": 10.0, "eval": "weights: stored MXFP4 dequantized exactly; input activations: "
               "MXFP4 (E8M0 scales per 32, dynamic) simulated in fp32"},
 }
+# Schemes whose activation quantization needs observed ranges (static or global scales).
+CALIBRATED_ACTIVATIONS = ("FP8", "NVFP4")
+# Schemes whose weight group size a recipe may set (the FP4 formats fix theirs: 16 or 32).
+GROUP_SIZE_SCHEMES = ("W8A16", "W4A16", "W4A16_ASYM")
+INT_WEIGHT_ONLY = ("W8A16", "W4A16", "W4A16_ASYM")
+
+
+class GPTQOptions(Strict):
+    """llm-compressor ``GPTQModifier`` settings."""
+
+    dampening_frac: float = Field(0.01, gt=0.0, le=1.0)
+    actorder: Literal["static", "group", "weight"] | None = Field(
+        "static", description="activation ordering; null turns it off"
+    )
+    block_size: int = Field(128, ge=1, le=4096)
+
+
+class AWQOptions(Strict):
+    """llm-compressor ``AWQModifier`` settings (a smaller ``n_grid`` searches fewer scales)."""
+
+    n_grid: int = Field(20, ge=2, le=100)
+    duo_scaling: bool | Literal["both"] = True
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> "AWQOptions":
+        # llm-compressor divides by n_grid - 2 (duo_scaling true) or n_grid/2 - 1 ("both").
+        least = {True: 3, "both": 4}.get(self.duo_scaling, 2)
+        if self.n_grid < least:
+            raise ValueError(f"n_grid must be at least {least} with duo_scaling {self.duo_scaling}")
+        return self
+
+
+class SmoothQuantOptions(Strict):
+    """llm-compressor ``SmoothQuantModifier`` settings (applied before quantization)."""
+
+    smoothing_strength: float = Field(0.8, gt=0.0, lt=1.0)
+
+
+class LLMCompressorVariant(VariantBase):
+    """A compressed-tensors checkpoint made by llm-compressor, served by vLLM."""
+
+    backend: Literal["llmcompressor"]
+    scheme: Literal[tuple(SCHEMES)] = Field(  # type: ignore[valid-type]
+        description="llm-compressor preset scheme name"
+    )
+    algorithm: Literal["rtn", "gptq", "awq"] = Field(
+        "rtn", description="rtn: round to nearest (QuantizationModifier); gptq; awq"
+    )
+    group_size: int | None = Field(None, ge=8, le=4096, description="weight group size (INT schemes)")
+    gptq: GPTQOptions | None = None
+    awq: AWQOptions | None = None
+    smoothquant: SmoothQuantOptions | None = None
+    ignore: tuple[str, ...] = Field(("lm_head",), description="modules left unquantized")
+    targets: tuple[str, ...] = Field(("Linear",), description="module types to quantize")
+    entrypoint: Literal["oneshot", "model_free"] = Field(
+        "oneshot",
+        description="oneshot: the model in memory; model_free: llm-compressor's model_free_ptq, shard by "
+        "shard, memory independent of model size (data-free round-to-nearest schemes only)",
+    )
+
+    @field_validator("ignore", "targets")
+    @classmethod
+    def _patterns_compile(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # llm-compressor compiles `re:` patterns only when it walks the model, deep in the
+        # quantize stage: a typo there must fail when the recipe is read.
+        for pattern in value:
+            if not pattern:
+                raise ValueError("empty module name")
+            if pattern.startswith("re:"):
+                check_regex(pattern[3:], pattern)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LLMCompressorVariant":
+        if self.entrypoint == "model_free" and self.needs_calibration():
+            raise ValueError("entrypoint model_free takes data-free round-to-nearest variants only (no calibration)")
+        if self.group_size is not None and self.scheme not in GROUP_SIZE_SCHEMES:
+            raise ValueError(
+                f"group_size applies to {', '.join(GROUP_SIZE_SCHEMES)}; {self.scheme} fixes its own grouping"
+            )
+        if self.gptq is not None and self.algorithm != "gptq":
+            raise ValueError("'gptq' options need algorithm: gptq")
+        if self.awq is not None and self.algorithm != "awq":
+            raise ValueError("'awq' options need algorithm: awq")
+        if self.algorithm == "awq" and self.scheme not in INT_WEIGHT_ONLY:
+            raise ValueError(f"algorithm awq applies to weight-only INT schemes ({', '.join(INT_WEIGHT_ONLY)})")
+        if self.smoothquant is not None and self.scheme != "W8A8":
+            raise ValueError("smoothquant applies to W8A8 (it moves activation outliers into weights)")
+        return self
+
+    def needs_calibration(self) -> bool:
+        return (
+            self.algorithm in ("gptq", "awq")
+            or self.smoothquant is not None
+            or self.scheme in CALIBRATED_ACTIVATIONS
+        )
 
 # Parameters that must keep their own dtype when the rest is cast back to the source dtype.
 _KEEP_DTYPE = ("global_scale",)
 
 
-class LLMCompressorBackend(Backend):
+class LLMCompressorBackend(Quantizer):
     name = "llmcompressor"
+    variant = LLMCompressorVariant
     distributions = (
         ("llmcompressor", "llmcompressor"),
         ("compressed_tensors", "compressed-tensors"),
@@ -73,7 +189,7 @@ class LLMCompressorBackend(Backend):
     extra = "llmcompressor"
 
     def describe(self, variant: Any) -> FormatInfo:
-        info = _SCHEMES[variant.scheme]
+        info = SCHEMES[variant.scheme]
         return FormatInfo(
             format="compressed-tensors",
             scheme=variant.scheme,
@@ -103,7 +219,7 @@ class LLMCompressorBackend(Backend):
                 f"scheme {variant.scheme} is not supported by the installed compressed-tensors "
                 f"{_version('compressed-tensors')} (llm-compressor {_version('llmcompressor')})",
                 field="scheme",
-                fix=f"choose one of {', '.join(sorted(set(_SCHEMES) & set(PRESET_SCHEMES)))}",
+                fix=f"choose one of {', '.join(sorted(set(SCHEMES) & set(PRESET_SCHEMES)))}",
             )
         weights = preset_name_to_scheme(variant.scheme, list(variant.targets)).weights
         group = variant.group_size or (weights.group_size if weights is not None else None)
@@ -271,13 +387,13 @@ def _modifiers(variant) -> list:
 
         mods.append(SmoothQuantModifier(smoothing_strength=variant.smoothquant.smoothing_strength))
     if variant.algorithm == "gptq":
-        opts = variant.gptq or _default("GPTQOptions")
+        opts = variant.gptq or GPTQOptions()
         mods.append(GPTQModifier(**common, dampening_frac=opts.dampening_frac, actorder=opts.actorder,
                                  block_size=opts.block_size))
     elif variant.algorithm == "awq":
         from llmcompressor.modifiers.transform import AWQModifier
 
-        opts = variant.awq or _default("AWQOptions")
+        opts = variant.awq or AWQOptions()
         mods.append(AWQModifier(n_grid=opts.n_grid, duo_scaling=opts.duo_scaling))
         mods.append(QuantizationModifier(**common))
     else:
@@ -345,12 +461,6 @@ def _layer_progress(model, *, calibrated: bool):
         finally:
             for handle in handles:
                 handle.remove()
-
-
-def _default(name: str):
-    from pipeline.recipe import variants
-
-    return getattr(variants, name)()
 
 
 @contextlib.contextmanager

@@ -12,6 +12,10 @@ slower there); scales come from those fp32 ranges.
 
 Evaluation scores the exported files, not the in-memory simulation (the export unifies scales of
 layers an engine fuses, e.g. q/k/v): ``pipeline.backends.modelopt_checkpoint``.
+
+The module also holds the recipe's parameter model of these variants (``ModelOptVariant``, with its
+``TRTEngineBuild`` engines) and the one format table (``QFORMATS``) that both its validation and
+the quantizer read.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pipeline.backends.base import Backend, FormatInfo
+from pydantic import Field, model_validator
+
+from pipeline.backends.base import FormatInfo, Quantizer
 from pipeline.backends.shapes import config_dtype, linear_input_widths, meta_model
 from pipeline.errors import RecipeError, StageError
-from pipeline.hardware import check_parallelism, compute_capability
+from pipeline.hardware import GPU_COMPUTE_CAPABILITY, check_parallelism, compute_capability, normalise_gpu
+from pipeline.recipe.variants import Strict, VariantBase
 
 # Engines, in modelbuild's names: "trtllm" is TensorRT-LLM's default (PyTorch) backend, served by
 # `trtllm-serve`; "trtllm-engine" its legacy TensorRT backend (an engine built per GPU
@@ -36,31 +43,46 @@ from pipeline.hardware import check_parallelism, compute_capability
 # Ampere/Ada/Hopper, INT8 SmoothQuant from Ampere in TensorRT engines only) and vLLM's ModelOpt
 # integration (FP8 from 8.9, NVFP4 from 10.0; it rejects W4A16_AWQ and W8A8_SQ_PER_CHANNEL).
 _ANY = 99.0
-_QFORMATS: dict[str, dict[str, Any]] = {
-    "fp8": {"algo": "FP8", "bits": 8, "gpus": {"trtllm": (8.9, _ANY), "vllm": (8.9, _ANY), "trtllm-engine": (8.9, _ANY)},
+_NVFP4_EVAL = ("weights: stored NVFP4 (E2M1, FP8 scales per 16, fp32 global scale) dequantized exactly; input "
+               "activations: NVFP4 (FP8 scales per 16 computed per token group, exported global input scale) "
+               "simulated in fp32")
+_NVFP4_GPUS = {"trtllm": (10.0, _ANY), "vllm": (10.0, _ANY), "trtllm-engine": (10.0, _ANY)}
+# The formats, named as ModelOpt's own ``hf_ptq`` example names them (``--qformat``: the recipe's
+# ``qformat`` choices, in this order). preset: the ``mtq.*_CFG`` config each uses (checked against
+# the installed ModelOpt at plan time); algo: the ``quant_algo`` its export records.
+QFORMATS: dict[str, dict[str, Any]] = {
+    # FP8 weights and activations, per-tensor static scales
+    "fp8": {"preset": "FP8_DEFAULT_CFG", "algo": "FP8", "bits": 8,
+            "gpus": {"trtllm": (8.9, _ANY), "vllm": (8.9, _ANY), "trtllm-engine": (8.9, _ANY)},
             "eval": "weights: stored FP8 (E4M3, per-tensor scales) dequantized exactly; input activations: FP8 "
                     "with the exported static per-tensor scales, simulated in fp32"},
-    "fp8_pc_pt": {"algo": "FP8_PER_CHANNEL_PER_TOKEN", "bits": 8,
+    # FP8 weights per channel, activations per token
+    "fp8_pc_pt": {"preset": "FP8_PER_CHANNEL_PER_TOKEN_CFG", "algo": "FP8_PER_CHANNEL_PER_TOKEN", "bits": 8,
                   "gpus": {"trtllm": (9.0, 10.0), "vllm": (8.9, _ANY), "trtllm-engine": (9.0, 10.0)},
                   "eval": "weights: stored FP8 (E4M3, per-channel scales) dequantized exactly; input activations: "
                           "FP8 per-token dynamic quantization simulated in fp32"},
-    "nvfp4": {"algo": "NVFP4", "bits": 4,
-              "gpus": {"trtllm": (10.0, _ANY), "vllm": (10.0, _ANY), "trtllm-engine": (10.0, _ANY)},
-              "eval": "weights: stored NVFP4 (E2M1, FP8 scales per 16, fp32 global scale) dequantized exactly; "
-                      "input activations: NVFP4 (FP8 scales per 16 computed per token group, exported global "
-                      "input scale) simulated in fp32"},
-    "int4_awq": {"algo": "W4A16_AWQ", "bits": 4, "gpus": {"trtllm": (8.0, 10.0), "trtllm-engine": (8.0, 10.0)},
+    # NVFP4 weights and activations (W4A4)
+    "nvfp4": {"preset": "NVFP4_DEFAULT_CFG", "algo": "NVFP4", "bits": 4, "gpus": _NVFP4_GPUS, "eval": _NVFP4_EVAL},
+    # NVFP4 on the MLP only, attention left in 16-bit
+    "nvfp4_mlp_only": {"preset": "NVFP4_MLP_ONLY_CFG", "algo": "NVFP4", "bits": 4, "gpus": _NVFP4_GPUS,
+                       "eval": _NVFP4_EVAL + "; attention projections unquantized (16-bit) as exported"},
+    # NVFP4 on the MLP and attention's o_proj
+    "nvfp4_omlp_only": {"preset": "NVFP4_OMLP_ONLY_CFG", "algo": "NVFP4", "bits": 4, "gpus": _NVFP4_GPUS,
+                        "eval": _NVFP4_EVAL + "; q/k/v projections unquantized (16-bit) as exported"},
+    # INT4 weights per block (AWQ-lite), 16-bit activations
+    "int4_awq": {"preset": "INT4_AWQ_CFG", "algo": "W4A16_AWQ", "bits": 4,
+                 "gpus": {"trtllm": (8.0, 10.0), "trtllm-engine": (8.0, 10.0)},
                  "eval": "weights: stored INT4 (per-block fp32 scales, AWQ pre-quant scales as exported) "
                          "dequantized exactly; activations: not quantized (16-bit in the engine, fp32 here)"},
-    "int8_sq": {"algo": "W8A8_SQ_PER_CHANNEL", "bits": 8, "gpus": {"trtllm-engine": (8.0, _ANY)},
+    # INT8 SmoothQuant: per-channel weights, per-tensor activations
+    "int8_sq": {"preset": "INT8_SMOOTHQUANT_CFG", "algo": "W8A8_SQ_PER_CHANNEL", "bits": 8,
+                "gpus": {"trtllm-engine": (8.0, _ANY)},
                 "eval": "weights: stored INT8 (per-channel scales) dequantized exactly; input activations: "
                         "SmoothQuant pre-quant scales then INT8 with the exported static per-tensor scales, "
                         "simulated in fp32"},
 }
-_QFORMATS["nvfp4_mlp_only"] = {**_QFORMATS["nvfp4"], "eval": _QFORMATS["nvfp4"]["eval"] + "; attention projections "
-                               "unquantized (16-bit) as exported"}
-_QFORMATS["nvfp4_omlp_only"] = {**_QFORMATS["nvfp4"], "eval": _QFORMATS["nvfp4"]["eval"] + "; q/k/v projections "
-                                "unquantized (16-bit) as exported"}
+# KV-cache quantization presets (hf_ptq's --kv_cache_qformat).
+KV_QFORMATS: dict[str, str] = {"fp8": "FP8_KV_CFG"}
 _KV_EVAL = "; KV cache: FP8 with the exported per-layer k/v scales, simulated on post-RoPE keys and values"
 
 # How each engine serves a published folder ({path} is filled in at publish).
@@ -70,8 +92,77 @@ _SERVE = {
 }
 
 
-class ModelOptBackend(Backend):
+class TRTEngineBuild(Strict):
+    """One TensorRT-LLM legacy engine: built only on a GPU of that architecture."""
+
+    gpu: str = Field(description="GPU the engine is built on and for, e.g. H100 (engines do not move between architectures)")
+    tp: int = Field(1, ge=1, le=64, description="tensor parallel size")
+    pp: int = Field(1, ge=1, le=64, description="pipeline parallel size")
+    max_batch_size: int = Field(8, ge=1, le=4096)
+    max_input_len: int = Field(1024, ge=1, le=1_048_576)
+    max_seq_len: int = Field(2048, ge=2, le=1_048_576)
+    max_num_tokens: int = Field(8192, ge=1, le=1_048_576)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TRTEngineBuild":
+        if compute_capability(self.gpu) is None:
+            raise ValueError(f"unknown GPU {self.gpu!r}; known: {', '.join(GPU_COMPUTE_CAPABILITY)}")
+        object.__setattr__(self, "gpu", normalise_gpu(self.gpu))
+        if self.max_input_len > self.max_seq_len:
+            raise ValueError("max_input_len cannot exceed max_seq_len")
+        return self
+
+    @property
+    def profile(self) -> str:
+        """``sm90-tp1-pp1-b8-s2048``: what makes one engine differ from another."""
+        sm = f"sm{int(round(compute_capability(self.gpu) * 10))}"
+        return f"{sm}-tp{self.tp}-pp{self.pp}-b{self.max_batch_size}-s{self.max_seq_len}"
+
+
+class ModelOptVariant(VariantBase):
+    """A Hugging Face checkpoint quantized by NVIDIA ModelOpt and exported in its unified format
+    (``hf_quant_config.json``), served by TensorRT-LLM (and vLLM for FP8/NVFP4)."""
+
+    backend: Literal["modelopt"]
+    qformat: Literal[tuple(QFORMATS)] = Field(  # type: ignore[valid-type]
+        description="ModelOpt quantization format (hf_ptq's --qformat names)"
+    )
+    kv_cache_qformat: Literal["none", "fp8"] = Field("none", description="KV-cache quantization (calibrated)")
+    awq_block_size: int | None = Field(
+        None, ge=8, le=4096, description="int4_awq: weight block size (ModelOpt's default 128)"
+    )
+    awq_alpha_step: float | None = Field(
+        None, gt=0.0, le=1.0, description="int4_awq: AWQ-lite search step (ModelOpt's default 0.1; larger is faster)"
+    )
+    engines: list[TRTEngineBuild] = Field(
+        default_factory=list,
+        description="TensorRT-LLM legacy (TensorRT backend) engines to build from this checkpoint; each "
+        "needs a GPU builder of its architecture with tensorrt_llm installed",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelOptVariant":
+        if self.qformat != "int4_awq" and (self.awq_block_size is not None or self.awq_alpha_step is not None):
+            raise ValueError("awq_block_size and awq_alpha_step apply to qformat int4_awq")
+        profiles = [e.profile for e in self.engines]
+        dupes = sorted({p for p in profiles if profiles.count(p) > 1})
+        if dupes:
+            raise ValueError(f"engines repeat the same build: {', '.join(dupes)}")
+        return self
+
+    def needs_calibration(self) -> bool:
+        # Static activation scales, global NVFP4 input scales, AWQ's and SmoothQuant's searches
+        # and KV-cache scales all observe activations; only fp8_pc_pt is data-free.
+        return self.qformat != "fp8_pc_pt" or self.kv_cache_qformat != "none"
+
+    def backend_params(self) -> dict:
+        # Engines are built from the checkpoint: they are not part of the quantized bytes.
+        return self.model_dump(mode="json", exclude={"name", "gate", "calibration", "engines"})
+
+
+class ModelOptBackend(Quantizer):
     name = "modelopt"
+    variant = ModelOptVariant
     distributions = (
         ("modelopt", "nvidia-modelopt"),
         ("transformers", "transformers"),
@@ -80,7 +171,7 @@ class ModelOptBackend(Backend):
     extra = "modelopt"
 
     def describe(self, variant: Any) -> FormatInfo:
-        info = _QFORMATS[variant.qformat]
+        info = QFORMATS[variant.qformat]
         engines = tuple(info["gpus"])
         return FormatInfo(
             format="modelopt-hf",
@@ -94,12 +185,12 @@ class ModelOptBackend(Backend):
         )
 
     def runs_on(self, variant: Any, compute_capability: float, engine: str | None = None) -> bool:
-        gpus = _QFORMATS[variant.qformat]["gpus"]
+        gpus = QFORMATS[variant.qformat]["gpus"]
         ranges = ([gpus[engine]] if engine in gpus else []) if engine is not None else list(gpus.values())
         return any(low <= compute_capability < high for low, high in ranges)
 
     def gpu_requirement(self, variant: Any) -> str:
-        gpus = _QFORMATS[variant.qformat]["gpus"]
+        gpus = QFORMATS[variant.qformat]["gpus"]
         return "; ".join(f"{engine}: compute capability {low:g}+" if high == _ANY else
                          f"{engine}: compute capability {low:g} to below {high:g}" for engine, (low, high) in gpus.items())
 
@@ -147,19 +238,17 @@ class ModelOptBackend(Backend):
             from modelopt.torch.export.model_utils import MODEL_NAME_TO_TYPE
         except ImportError:
             return  # check_environment reports the missing library
-        from pipeline.recipe.variants import MODELOPT_KV_QFORMATS, MODELOPT_QFORMATS
-
-        preset = MODELOPT_QFORMATS[variant.qformat]
+        preset = QFORMATS[variant.qformat]["preset"]
         if not hasattr(mtq, preset):
-            have = [q for q, p in MODELOPT_QFORMATS.items() if hasattr(mtq, p)]
+            have = [q for q, info in QFORMATS.items() if hasattr(mtq, info["preset"])]
             raise RecipeError(f"qformat {variant.qformat} ({preset}) is not in the installed ModelOpt "
                               f"{_version()}", field="qformat", fix=f"choose one of {', '.join(have)}")
-        if variant.kv_cache_qformat != "none" and not hasattr(mtq, MODELOPT_KV_QFORMATS[variant.kv_cache_qformat]):
+        if variant.kv_cache_qformat != "none" and not hasattr(mtq, KV_QFORMATS[variant.kv_cache_qformat]):
             raise RecipeError(f"kv_cache_qformat {variant.kv_cache_qformat} is not in the installed ModelOpt "
                               f"{_version()}", field="kv_cache_qformat", fix="use kv_cache_qformat: none")
         for i, spec in enumerate(variant.engines):
             if not self.runs_on(variant, compute_capability(spec.gpu), "trtllm-engine"):
-                raise RecipeError(f"a TensorRT-LLM engine for {spec.gpu} cannot run {_QFORMATS[variant.qformat]['algo']} "
+                raise RecipeError(f"a TensorRT-LLM engine for {spec.gpu} cannot run {QFORMATS[variant.qformat]['algo']} "
                                   f"(needs {self.gpu_requirement(variant)})", field=f"engines.{i}.gpu",
                                   fix="build the engine for a GPU that runs this format")
         if model_config is None:
@@ -227,7 +316,7 @@ class ModelOptBackend(Backend):
         if not hf_quant.is_file():
             raise StageError("ModelOpt's export wrote no hf_quant_config.json")
         quantization = json.loads(hf_quant.read_text(encoding="utf-8"))["quantization"]
-        expected = _QFORMATS[variant.qformat]["algo"]
+        expected = QFORMATS[variant.qformat]["algo"]
         if quantization.get("quant_algo") != expected:
             # A preset that quantized nothing exports no quant_algo: never publish that as quantized.
             raise StageError(f"ModelOpt exported quant_algo {quantization.get('quant_algo')!r}, expected {expected}",
@@ -249,10 +338,8 @@ class ModelOptBackend(Backend):
 def quant_config(variant) -> dict[str, Any]:
     """ModelOpt's preset for the variant, with its AWQ settings and the KV-cache preset appended
     (as hf_ptq does: later entries of ``quant_cfg`` override earlier ones)."""
-    from pipeline.recipe.variants import MODELOPT_KV_QFORMATS, MODELOPT_QFORMATS
-
     mtq = _import_modelopt()
-    config = copy.deepcopy(getattr(mtq, MODELOPT_QFORMATS[variant.qformat]))
+    config = copy.deepcopy(getattr(mtq, QFORMATS[variant.qformat]["preset"]))
     if variant.qformat == "int4_awq":
         if variant.awq_alpha_step is not None:
             config["algorithm"] = {**config["algorithm"], "alpha_step": variant.awq_alpha_step}
@@ -261,7 +348,7 @@ def quant_config(variant) -> dict[str, Any]:
                 sizes = {k: v for k, v in entry["cfg"]["block_sizes"].items() if k not in (-1, "-1")}
                 entry["cfg"]["block_sizes"] = {-1: variant.awq_block_size, **sizes}
     if variant.kv_cache_qformat != "none":
-        kv = getattr(mtq, MODELOPT_KV_QFORMATS[variant.kv_cache_qformat])
+        kv = getattr(mtq, KV_QFORMATS[variant.kv_cache_qformat])
         config["quant_cfg"] = list(config["quant_cfg"]) + copy.deepcopy(list(kv["quant_cfg"]))
     return config
 

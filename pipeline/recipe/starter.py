@@ -314,7 +314,7 @@ def _gguf_file(path: Path, recipe_dir: Path) -> Model:
 
 
 def _gguf_type_names() -> list[str]:
-    from pipeline.recipe.variants import GGUF_TYPES
+    from pipeline.backends.llamacpp import GGUF_TYPES
 
     # Longest first, so Q4_K_M is stripped whole rather than as Q4_K.
     return sorted(GGUF_TYPES, key=len, reverse=True)
