@@ -32,12 +32,12 @@ def _publish_with_profiles(url: str, tmp_path: Path) -> str:
     from pipeline.storage.location import open_storage
     from pipeline.storage.publish import publish_variant
 
-    class _V:  # the two fields llamacpp_profiles reads
+    class _V:  # the one field llamacpp_profiles reads
         type = "Q4_K_M"
 
-    manifest = _manifest(engines=("llama.cpp",), cc=None)
+    manifest = _manifest(engines=("llamacpp",), cc=None)
     manifest["serving_profiles"] = [{**p, "command": p["command"].replace("{file}", "model.safetensors")}
-                                    for p in llamacpp_profiles(_V, [])]
+                                    for p in llamacpp_profiles(None, _V, None, [])]
     out = publish_variant(open_storage(url), model="m", variant="q4", build_key="d" * 64,
                           files_from=_variant_dir(tmp_path, "q4"), manifest=manifest)
     return out["version"]

@@ -82,9 +82,9 @@ def test_gguf_types_build_evaluate_and_publish(cli, dirs, tmp_path, tiny_smol, w
         folder = _published(dirs["storage"], variant)
         m = json.loads((folder / "manifest.json").read_text())
         manifests[variant] = m
-        assert m["format"]["format"] == "gguf" and m["format"]["engines"] == ["llama.cpp"]
+        assert m["format"]["format"] == "gguf" and m["format"]["engines"] == ["llamacpp"]
         files = m["gguf"]["files"]
-        assert m["serve"]["llama.cpp"] == f"llama-server -m {folder}/{files[0]}"
+        assert m["serve"]["llamacpp"] == f"llama-server -m {folder}/{files[0]}"
         # Speed from llama-bench on this CPU, quality from llama.cpp itself, fidelity recorded.
         assert m["speed"]["pp32_tps"] > 0 and m["speed"]["tg8_tps"] > 0 and m["speed"]["cpu_model"]
         assert m["metrics"]["mean_kld"] >= 0 and "llama.cpp" in m["evaluation"]["method"]

@@ -180,7 +180,7 @@ def test_model_card_tags():
         "quantized", "llm-compressor", "compressed-tensors", "w8a8", "int8", "gptq", "vllm"]
     assert "nvfp4" in tags(m("NVFP4", "llmcompressor", 4, ["vllm"])) and "fp4" in tags(m("NVFP4", "llmcompressor", 4, ["vllm"]))
     assert tags(m("FP8+FP8_KV", "modelopt", 8, ["trtllm", "vllm"])) == ["quantized", "modelopt", "fp8", "tensorrt-llm", "vllm"]
-    assert tags(m("Q4_K_M", "llamacpp", 4.5, ["llama.cpp"])) == ["quantized", "gguf", "q4_k_m", "llama.cpp"]
+    assert tags(m("Q4_K_M", "llamacpp", 4.5, ["llamacpp"])) == ["quantized", "gguf", "q4_k_m", "llama.cpp"]
 
 
 # -- bad input ----------------------------------------------------------------------------------

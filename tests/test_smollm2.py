@@ -305,7 +305,7 @@ def test_llamacpp_variant_selected_pulled_and_served(gguf_store, tmp_path):
     chosen = _store_cli("select", "--engine", "llamacpp", "--gpu", "cpu", "--json", dirs=dirs)
     assert chosen.returncode == 0, chosen.stderr
     entry = json.loads(chosen.stdout)
-    assert entry["engines"] == ["llama.cpp"]
+    assert entry["engines"] == ["llamacpp"]
     dest = tmp_path / "replica"
     pulled = _store_cli("pull", entry["ref"], str(dest), dirs=dirs)
     assert pulled.returncode == 0, pulled.stderr

@@ -140,7 +140,7 @@ def test_channels_promote_rollback_and_gc(store_url, tmp_path):
 def test_select_picks_the_best_fitting_variant_or_says_why(store_url, tmp_path):
     _publish(store_url, tmp_path, "fp8", "a", engines=("vllm",), cc=8.9, kld=0.03, size=3_000_000_000)
     _publish(store_url, tmp_path, "w4a16", "b", engines=("vllm",), cc=7.5, kld=0.15, size=1_000_000_000)
-    _publish(store_url, tmp_path, "gguf-q4", "c", engines=("llama.cpp",), cc=None, kld=0.2, size=900_000_000)
+    _publish(store_url, tmp_path, "gguf-q4", "c", engines=("llamacpp",), cc=None, kld=0.2, size=900_000_000)
     pick = lambda *a: _cli("select", *a, "--storage", store_url)  # noqa: E731
     assert pick("--engine", "vllm", "--gpu", "H100").stdout.strip().endswith("/m/fp8/" + _version(store_url, "fp8"))
     assert "/m/w4a16/" in pick("--engine", "vllm", "--gpu", "A100").stdout  # FP8 needs 8.9

@@ -140,9 +140,9 @@ class LlamaCppBackend(Backend):
             format="gguf",
             scheme=variant.type,
             weight_bits=GGUF_TYPES[variant.type],
-            engines=("llama.cpp",),
+            engines=("llamacpp",),
             min_compute_capability=None,
-            serve={"llama.cpp": "llama-server -m {path}/{file}"},
+            serve={"llamacpp": "llama-server -m {path}/{file}"},
             cpu_evaluation=EVALUATION,
         )
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline import engines
 from pipeline.cli.options import JsonOpt, StorageOpt, storage_url
 
 # No brackets in help texts: rich reads "[@VERSION]" as markup and drops it from the page.
@@ -125,7 +126,7 @@ def show(ref: RefArg, storage: StorageOpt = None, json_: JsonOpt = False) -> Non
 
 
 def select(
-    engine: Annotated[str, typer.Option(help="vllm, trtllm or llamacpp.")],
+    engine: Annotated[str, typer.Option(help=engines.either(engines.IDS) + ".")],
     gpu: Annotated[str, typer.Option(help="H100, L40S, A100, B200, ... or cpu.")],
     max_gb: Annotated[float | None, typer.Option("--max-gb", help="Largest size on disk, in GB (10^9 bytes).",
                                                  show_default="no limit")] = None,
@@ -245,7 +246,8 @@ def deploy(
     ref: RefArg,
     out: Annotated[Path, typer.Argument(help="Folder to write docker-compose.yml and nginx.conf into.", show_default=False)],
     replicas: Annotated[int, typer.Option(help="Engine replicas behind the load balancer.")] = 2,
-    engine: Annotated[str | None, typer.Option(help="vllm, trtllm or llamacpp.",
+    engine: Annotated[str | None, typer.Option(help=engines.either(
+        e.id for e in engines.CATALOGUE if e.profiles) + ".",
                                                show_default="the first profile's")] = None,
     profile: Annotated[str | None, typer.Option(help="A serving profile by name (see `show REF`).",
                                                 show_default="the first of --engine's")] = None,
@@ -257,7 +259,6 @@ def deploy(
 ) -> None:
     """Write a Docker Compose deployment of a published variant: N replicas, nginx, health checks."""
     from pipeline.publishing.deploy import compose, pick_profile
-    from pipeline.storage.consume import ENGINES
     from pipeline.storage.refs import parse_ref
     from pipeline.storage.registry import resolve
 
@@ -265,7 +266,7 @@ def deploy(
     parsed = parse_ref(ref)
     version, manifest, _raw = resolve(store, parsed)
     rel = f"{parsed.model}/{parsed.variant}/{version}"
-    chosen = pick_profile(manifest, ENGINES.get(engine.lower(), engine) if engine else None, profile)
+    chosen = pick_profile(manifest, (engines.canonical(engine) or engine) if engine else None, profile)
     root = store.local_path("")
     files = compose(manifest=manifest, storage_url=store.url, location=store.location(rel), profile=chosen,
                     replicas=replicas, local_root=(mount_from or str(root)) if root is not None else None, port=port)

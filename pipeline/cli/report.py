@@ -19,6 +19,7 @@ def _target(text: str):
     """``ENGINE:GPU[:MAX_GB[:MAX_KLD]]`` → Target (validated like the recipe's report.targets)."""
     from pydantic import ValidationError
 
+    from pipeline import engines
     from pipeline.errors import InputError
     from pipeline.recipe.schema import ReportTarget
     from pipeline.report.recommend import Target
@@ -33,7 +34,7 @@ def _target(text: str):
     except ValidationError as e:
         err = e.errors()[0]
         raise InputError(f"target {text!r}: {err['msg']}", where="--target",
-                         fix="ENGINE is vllm, trtllm, trtllm-engine or llamacpp; GPU a known GPU or cpu") from None
+                         fix=f"ENGINE is {engines.either(engines.IDS)}; GPU a known GPU or cpu") from None
     return Target(t.engine, t.gpu, t.max_gb, t.max_kld)
 
 

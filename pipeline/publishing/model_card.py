@@ -14,11 +14,9 @@ from typing import Any
 
 import yaml
 
+from pipeline import engines as catalogue
 from pipeline.figures import kld
 
-ENGINE_TAGS = {"vllm": "vllm", "trtllm": "tensorrt-llm", "trtllm-engine": "tensorrt-llm", "llama.cpp": "llama.cpp"}
-ENGINE_NAMES = {"vllm": "vLLM", "trtllm": "TensorRT-LLM (PyTorch backend)", "trtllm-engine": "TensorRT-LLM engines",
-                "llama.cpp": "llama.cpp"}
 FORMAT_NAMES = {"gguf": "GGUF", "modelopt-hf": "NVIDIA ModelOpt (Hugging Face export, hf_quant_config.json)"}
 BACKEND_TAGS = {"llmcompressor": ["llm-compressor", "compressed-tensors"], "modelopt": ["modelopt"],
                 "llamacpp": ["gguf"]}
@@ -44,7 +42,8 @@ def tags(manifest: dict[str, Any]) -> list[str]:
     algorithm = (manifest.get("variant_spec") or {}).get("algorithm")
     if algorithm:
         out.append(str(algorithm).lower())
-    out += [ENGINE_TAGS[e] for e in fmt.get("engines", []) if e in ENGINE_TAGS]
+    known = [catalogue.find(e) for e in fmt.get("engines", [])]
+    out += [tag for engine in known if engine is not None for tag in engine.tags]
     return list(dict.fromkeys(t for t in out if t))
 
 
@@ -81,7 +80,7 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
     m = manifest.get("metrics") or {}
     data = manifest.get("data") or {}
     name = f"{manifest['model']} — {manifest['variant']}"
-    engines = [ENGINE_NAMES.get(e, e) for e in fmt.get("engines", [])]
+    engines = [_long_name(e) for e in fmt.get("engines", [])]
     lines = [
         "---", front_matter(manifest, base_model).rstrip(), "---", "",
         f"# {name}", "",
@@ -114,10 +113,11 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
     min_cc = fmt.get("min_compute_capability")
     for engine, command in serve.items():
         gpus = (fmt.get("gpus") or {}).get(engine) or [min_cc, None]
-        need = "CPU or any GPU" if engine == "llama.cpp" else (
+        known = catalogue.find(engine)
+        need = "CPU or any GPU" if known is not None and known.cpu else (
             f"NVIDIA compute capability {gpus[0]:g}+" + (f" and below {gpus[1]:g}" if gpus[1] else "")
             if gpus[0] is not None else "see the engine's docs")
-        lines += [f"**{ENGINE_NAMES.get(engine, engine)}** ({need}):", "", "```sh", command, "```", ""]
+        lines += [f"**{_long_name(engine)}** ({need}):", "", "```sh", command, "```", ""]
     if profiles:
         lines += ["Serving profiles published beside the weights:", ""]
         lines += [f"- `{p['name']}`: `{p['command']}`" for p in profiles]
@@ -126,6 +126,12 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
         lines += ["No engine serves these files directly (see the manifest's format section).", ""]
     lines += ["Every file's sha256 is in `manifest.json`; `modelbuild verify` checks a copy against it.", ""]
     return "\n".join(lines)
+
+
+def _long_name(engine: str) -> str:
+    """The engine's name in the card (a TensorRT-LLM one says which backend)."""
+    found = catalogue.find(engine)
+    return engine if found is None else found.long_name
 
 
 def _source(src: dict[str, Any]) -> str:

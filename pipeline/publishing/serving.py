@@ -14,30 +14,40 @@ Profiles are named like the ecosystem's (``trtllm-fp8-tp2``, ``vllm-w4a16-tp1``,
 ``llamacpp-q4_k_m-cpu``); targets whose GPU cannot run the format in an engine get no profile for
 it (the planner already refused a variant that no target can run). ``{path}`` in a command is the
 published folder, ``{file}`` (llama.cpp) the GGUF file, both filled in at publish.
+
+Which builder makes an engine's profiles is the engine's catalogue record's ``profiles``
+(``pipeline.engines``); every builder takes ``(backend, variant, fmt, targets)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 
+from pipeline import engines
 from pipeline.hardware import compute_capability
 
 PROFILE_DIR = "serving"
 
 
-def trtllm_profiles(backend, variant, targets) -> list[dict[str, Any]]:
+def trtllm_profiles(backend, variant, fmt, targets) -> list[dict[str, Any]]:
     """One profile per distinct serving shape among the targets that can run the variant in
     TensorRT-LLM's PyTorch backend. Each is ``{name, engine, gpus, tp, pp, options, command}``;
-    ``command`` has ``{path}`` where the published folder goes."""
+    ``command`` has ``{path}`` where the published folder goes.
+
+    Args:
+        variant: a ModelOpt variant (the one format that declares the ``trtllm`` engine): its
+            ``qformat`` names the profiles, its ``kv_cache_qformat`` sets the KV-cache dtype.
+    """
     profiles: dict[str, dict[str, Any]] = {}
-    fmt = variant.qformat.replace("_", "-")
+    slug = variant.qformat.replace("_", "-")
     for target in targets:
         if not backend.runs_on(variant, compute_capability(target.gpu), "trtllm"):
             continue
         options = _options(variant, target)
-        name = f"trtllm-{fmt}-tp{target.tp}" + (f"-pp{target.pp}" if target.pp > 1 else "")
+        name = f"trtllm-{slug}-tp{target.tp}" + (f"-pp{target.pp}" if target.pp > 1 else "")
         if name in profiles and profiles[name]["options"] != options:
             name = f"{name}-{target.gpu.lower()}"  # same parallelism, other limits: one file per GPU
         if name in profiles:
@@ -50,7 +60,7 @@ def trtllm_profiles(backend, variant, targets) -> list[dict[str, Any]]:
             "--max_batch_size", str(target.max_batch_size), "--max_num_tokens", str(target.max_num_tokens),
             *(("--max_seq_len", str(target.max_seq_len)) if target.max_seq_len else ()),
             "--kv_cache_free_gpu_memory_fraction", f"{target.kv_cache_free_gpu_memory_fraction:g}",
-            "--host", "0.0.0.0", "--port", "8000",
+            "--host", "0.0.0.0", "--port", str(engines.get("trtllm").port),
             "--extra_llm_api_options", "{path}/" + options_file,
         ])
         profiles[name] = {"name": name, "engine": "trtllm", "gpus": [target.gpu], "tp": target.tp, "pp": target.pp,
@@ -77,7 +87,7 @@ def _options(variant, target) -> dict[str, Any]:
     return options
 
 
-def vllm_profiles(backend, variant, targets, fmt) -> list[dict[str, Any]]:
+def vllm_profiles(backend, variant, fmt, targets) -> list[dict[str, Any]]:
     """``vllm serve`` profiles, one per distinct shape among the targets that run the variant in vLLM."""
     profiles: dict[str, dict[str, Any]] = {}
     slug = _slug(fmt.scheme)
@@ -92,7 +102,7 @@ def vllm_profiles(backend, variant, targets, fmt) -> list[dict[str, Any]]:
             "max-num-batched-tokens": target.max_num_tokens,
             "kv-cache-dtype": "fp8" if kv_fp8 else "auto",
             "host": "0.0.0.0",
-            "port": 8000,
+            "port": engines.get("vllm").port,
         }
         if target.max_seq_len:
             options["max-model-len"] = target.max_seq_len
@@ -109,7 +119,7 @@ def vllm_profiles(backend, variant, targets, fmt) -> list[dict[str, Any]]:
     return list(profiles.values())
 
 
-def llamacpp_profiles(variant, targets) -> list[dict[str, Any]]:
+def llamacpp_profiles(backend, variant, fmt, targets) -> list[dict[str, Any]]:
     """``llama-server`` profiles: CPU, plus full GPU offload when the recipe declares GPU targets."""
     slug = _slug(variant.type)
     out = []
@@ -117,27 +127,34 @@ def llamacpp_profiles(variant, targets) -> list[dict[str, Any]]:
                                         max((t.max_seq_len or 0) for t in targets) or None,
                                         [t.gpu for t in targets])] if targets else [])
     for kind, slots, seq_len, gpus in shapes:
-        args = ["--host", "0.0.0.0", "--port", "8080", "--parallel", str(slots),
+        args = ["--host", "0.0.0.0", "--port", str(engines.get("llamacpp").port), "--parallel", str(slots),
                 # llama-server splits --ctx-size across its slots; 0 takes the model's context length.
                 "--ctx-size", str(slots * seq_len) if seq_len else "0"]
         if kind == "gpu":
             args += ["--n-gpu-layers", "999"]
         name = f"llamacpp-{slug}-{kind}"
-        out.append({"name": name, "engine": "llama.cpp", "gpus": gpus, "args": args,
+        out.append({"name": name, "engine": "llamacpp", "gpus": gpus, "args": args,
                     "command": " ".join(["llama-server", "-m", "{path}/{file}", *args])})
     return out
 
 
+# The builder each catalogue record's ``profiles`` names.
+BUILDERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "trtllm": trtllm_profiles,
+    "vllm": vllm_profiles,
+    "llama-server": llamacpp_profiles,
+}
+
+
 def profiles_for(backend, variant, targets) -> list[dict[str, Any]]:
-    """Every engine's profiles for a variant (what its publish stage records)."""
+    """Every engine's profiles for a variant (what its publish stage records), in the order its
+    format lists the engines that load it."""
     fmt = backend.describe(variant)
     out = []
-    if "trtllm" in fmt.engines and hasattr(variant, "qformat"):
-        out += trtllm_profiles(backend, variant, targets)
-    if "vllm" in fmt.engines:
-        out += vllm_profiles(backend, variant, targets, fmt)
-    if "llama.cpp" in fmt.engines:
-        out += llamacpp_profiles(variant, targets)
+    for engine_id in fmt.engines:
+        builder = engines.get(engine_id).profiles
+        if builder is not None:
+            out += BUILDERS[builder](backend, variant, fmt, targets)
     return out
 
 

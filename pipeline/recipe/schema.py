@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline import engines
 from pipeline.hardware import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
 from pipeline.recipe.gate import Gate
 from pipeline.recipe.variants import Variant
@@ -287,7 +288,7 @@ class WatchRules(Strict):
 class ReportTarget(Strict):
     """A deployment target the report recommends a variant for (``select``'s rule)."""
 
-    engine: Literal["vllm", "trtllm", "trtllm-engine", "llamacpp"]
+    engine: Literal[engines.IDS]  # type: ignore[valid-type]  # the catalogue's ids, in its order
     gpu: str = Field(description="a GPU name (H100, L40S, ...) or cpu")
     max_gb: float | None = Field(None, gt=0, description="largest variant that fits (10^9 bytes on disk)")
     max_kld: float | None = Field(None, ge=0, description="worst mean KLD vs the baseline accepted")
@@ -303,8 +304,8 @@ class ReportTarget(Strict):
 
     @model_validator(mode="after")
     def _engine_runs_there(self) -> "ReportTarget":
-        if self.gpu == "cpu" and self.engine != "llamacpp":
-            raise ValueError(f"{self.engine} does not run on a CPU; only llamacpp does")
+        if self.gpu == "cpu" and self.engine not in engines.CPU_IDS:
+            raise ValueError(f"{self.engine} does not run on a CPU; only {', '.join(engines.CPU_IDS)} does")
         return self
 
 

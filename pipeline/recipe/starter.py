@@ -32,17 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import engines as catalogue
 from pipeline.errors import DataError, InputError, SourceError, ToolError
 from pipeline.hardware import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
 from pipeline.recipe.schema import SLUG
 
-ENGINES = ("vllm", "trtllm", "llamacpp")
-ENGINE_TITLES = {
-    "vllm": "vLLM: compressed-tensors checkpoints made by llm-compressor",
-    "trtllm": "TensorRT-LLM: Hugging Face checkpoints quantized by NVIDIA ModelOpt (served by trtllm-serve)",
-    "llamacpp": "llama.cpp: GGUF files made by llama.cpp's converter and llama-quantize",
-}
-ENGINE_NAMES = {"vllm": "vLLM", "trtllm": "TensorRT-LLM", "llamacpp": "llama.cpp"}
+# The engines init writes variants for (the catalogue's, in its order), each titled in the recipe.
+ENGINES = tuple(e.id for e in catalogue.CATALOGUE if e.starter)
+ENGINE_TITLES = {e.id: f"{e.name}: {e.starter}" for e in catalogue.CATALOGUE if e.starter}
 # The demo recipe's deployment targets: an Ada, a Hopper and a Blackwell GPU, so every standard
 # format has a GPU that runs it.
 DEFAULT_GPUS = ("L40S", "H100", "B200")
@@ -452,7 +449,7 @@ def choose(shapes: Shapes, engines: tuple[str, ...], gpus: dict[str, float]) -> 
         if shape_problem:
             choices.append(Choice(engine, name, None, shape_problem))
         elif gpus and not _runs_on(variant, gpus, engine):
-            choices.append(Choice(engine, name, None, f"{ENGINE_NAMES[engine]} runs it on {_needs(variant, engine)}; the targets are {targets}"))
+            choices.append(Choice(engine, name, None, f"{catalogue.get(engine).name} runs it on {_needs(variant, engine)}; the targets are {targets}"))
         else:
             choices.append(Choice(engine, name, {**variant, "gate": DEMO_GATES[name]}, comment, notes or []))
 

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import engines
 from pipeline.errors import IntegrityError, StorageError
 from pipeline.files import MANIFEST
 from pipeline.hashing import digest_bytes
@@ -105,7 +106,8 @@ def collect(storage: Storage, model: str) -> list[Row]:
         metrics = manifest.get("metrics") or {}
         rows.append(Row(
             variant=e["variant"], version=e["version"],
-            engines=list(fmt.get("engines") or e.get("engines") or []),
+            # Engine ids, whichever spelling the manifest was published with.
+            engines=[engines.canonical(name) or name for name in fmt.get("engines") or e.get("engines") or []],
             format=fmt.get("format"), scheme=fmt.get("scheme"), weight_bits=fmt.get("weight_bits"),
             size_bytes=manifest.get("size_bytes"),
             metrics={k: metrics.get(k) if isinstance(metrics.get(k), (int, float)) else None for k in METRICS},

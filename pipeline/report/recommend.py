@@ -7,11 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import engines
 from pipeline.figures import kld as fmt_kld
-from pipeline.storage.consume import ENGINES, select
-
-# Engine names as people say them.
-SPOKEN = {"vllm": "vLLM", "trtllm": "TensorRT-LLM", "trtllm-engine": "TensorRT-LLM engines", "llama.cpp": "llama.cpp"}
+from pipeline.storage.consume import select
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class Target:
             bounds.append(f"≤ {self.max_gb:g} GB")
         if self.max_kld is not None:
             bounds.append(f"mean KLD ≤ {self.max_kld:g}")
-        name = SPOKEN.get(ENGINES.get(self.engine.lower(), self.engine), self.engine)
+        name = engines.display(self.engine)
         return f"{name} on {where}" + (f" ({', '.join(bounds)})" if bounds else "")
 
 
@@ -40,16 +38,13 @@ class Recommendation:
     reason: str
 
 
-def default_targets(engines: set[str], gpus: list[str]) -> list[Target]:
-    """Without declared targets: each engine present on each recipe GPU (H100 when none), and
-    llama.cpp on the CPU when GGUF variants exist."""
-    out = []
-    for engine in ("vllm", "trtllm"):
-        if engine in engines:
-            out += [Target(engine, gpu) for gpu in (gpus or ["H100"])]
-    if "llama.cpp" in engines:
-        out.append(Target("llamacpp", "cpu"))
-    return out
+def default_targets(present: set[str], gpus: list[str]) -> list[Target]:
+    """Without declared targets: each engine present (ids) where its catalogue record says the
+    report recommends for it: on each recipe GPU (H100 when none), or on the CPU (llama.cpp).
+    GPU engines come first, then CPU ones, each in the catalogue's order."""
+    found = [e for e in engines.CATALOGUE if e.id in present]
+    out = [Target(e.id, gpu) for e in found if e.recommended_on == "gpus" for gpu in (gpus or ["H100"])]
+    return out + [Target(e.id, "cpu") for e in found if e.recommended_on == "cpu"]
 
 
 def recommend(index: dict[str, Any], model: str, targets: list[Target]) -> list[Recommendation]:

@@ -7,9 +7,10 @@ import base64
 import html
 from dataclasses import dataclass, field
 
+from pipeline import engines as catalogue
 from pipeline.figures import NOT_MEASURED, kld
 from pipeline.report.data import Row
-from pipeline.report.recommend import SPOKEN, Recommendation
+from pipeline.report.recommend import Recommendation
 
 
 @dataclass
@@ -31,7 +32,12 @@ def _num(v, fmt: str) -> str:
 
 
 def engines(row: Row) -> str:
-    return ", ".join(SPOKEN.get(e, e) for e in row.engines) or "—"
+    return ", ".join(catalogue.display(e) for e in row.engines) or "—"
+
+
+def cpu_only(row: Row) -> bool:
+    """Whether every engine that loads the row's variant runs on a CPU (llama.cpp's GGUF)."""
+    return bool(row.engines) and all(e in catalogue.CPU_IDS for e in row.engines)
 
 
 def fmt_name(row: Row) -> str:
@@ -40,7 +46,7 @@ def fmt_name(row: Row) -> str:
 
 
 def min_gpu(row: Row) -> str:
-    if row.engines == ["llama.cpp"]:
+    if cpu_only(row):
         return "none (CPU)"
     cc = row.min_compute_capability
     return "—" if cc is None else f"sm {cc:g}+"
@@ -64,7 +70,7 @@ def speed_cell(row: Row, key: str) -> str:
 def hardware(row: Row) -> str:
     s = row.speed
     if s is None:
-        gpu = "a GPU" if row.engines != ["llama.cpp"] else "the CPU"
+        gpu = "the CPU" if cpu_only(row) else "a GPU"
         return f"{NOT_MEASURED} (needs {engines(row)} on {gpu})"
     threads = f", {s['threads']} threads" if s.get("threads") else ""
     return f"{s['hardware']}{threads} ({s.get('tool') or 'bench'}: pp{s.get('pp_tokens')}, tg{s.get('tg_tokens')})"
@@ -88,7 +94,7 @@ def speedup(row: Row) -> str:
     if row.speedup is None:
         if row.speed is not None:
             return f"{NOT_MEASURED} (no unquantized {engines(row)} reference on this hardware)"
-        return f"{NOT_MEASURED} (needs {engines(row)} on a GPU)" if row.engines != ["llama.cpp"] else NOT_MEASURED
+        return NOT_MEASURED if cpu_only(row) else f"{NOT_MEASURED} (needs {engines(row)} on a GPU)"
     if row.speedup["reference"] == row.variant:
         return "1.00× (reference)"
     parts = [f"{k} ×{row.speedup[k]:.2f}" for k in ("pp", "tg") if k in row.speedup]
@@ -99,8 +105,8 @@ def use_case(row: Row, recs: list[Recommendation]) -> str:
     mine = [r.target.label for r in recs if r.variant == row.variant]
     if mine:
         return "recommended for " + "; ".join(mine)
-    if row.engines == ["llama.cpp"]:
-        return "llama.cpp on CPU or any GPU"
+    if cpu_only(row):
+        return f"{engines(row)} on CPU or any GPU"
     return f"{engines(row)} on GPUs {min_gpu(row)}"
 
 

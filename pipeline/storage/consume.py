@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from pipeline import engines
 from pipeline.errors import IntegrityError, StorageError
 from pipeline.hardware import GPU_COMPUTE_CAPABILITY, compute_capability
 from pipeline.hashing import sha256_file
@@ -32,11 +33,6 @@ from pipeline.storage.registry import (
     versions,
 )
 
-ENGINES = {"vllm": "vllm", "trtllm": "trtllm", "trtllm-engine": "trtllm-engine", "llamacpp": "llama.cpp",
-           "llama.cpp": "llama.cpp"}
-CPU_ENGINES = {"llama.cpp"}
-
-
 # -- select -------------------------------------------------------------------------------------
 
 
@@ -52,26 +48,27 @@ def latest_entries(index: dict[str, Any], model: str | None = None) -> list[dict
     return [newest[k] for k in sorted(newest)]
 
 
-def _runs_on(entry: dict[str, Any], engine: str, gpu: str) -> bool:
+def _runs_on(entry: dict[str, Any], engine: engines.Engine, gpu: str) -> bool:
     if gpu.lower() == "cpu":
-        return engine in CPU_ENGINES
+        return engine.cpu
     cc = compute_capability(gpu)
-    low, high = (entry.get("gpus", {}).get(engine) or [None, None])[:2]
+    low, high = engines.gpu_range(entry.get("gpus", {}), engine.id)
     return (low is None or cc >= low) and (high is None or cc < high)
 
 
 def select(index: dict[str, Any], *, engine: str, gpu: str, max_gb: float | None, max_kld: float | None,
            model: str | None = None) -> tuple[dict[str, Any] | None, list[str]]:
     """The best variant for a target: among the newest versions that passed their gate, load in
-    ``engine``, run on ``gpu``, fit ``max_gb`` (10^9 bytes) and ``max_kld`` (mean KLD vs the
-    baseline), the one with the lowest mean KLD (then the smallest).
+    ``engine`` (an id, or the legacy ``llama.cpp``), run on ``gpu``, fit ``max_gb`` (10^9 bytes)
+    and ``max_kld`` (mean KLD vs the baseline), the one with the lowest mean KLD (then the
+    smallest). Index entries may spell their engines either way.
 
     Returns:
         ``(entry or None, why)``: ``why`` counts what each condition left, for a "none matches".
     """
-    name = ENGINES.get(engine.lower())
-    if name is None:
-        raise StorageError(f"unknown engine {engine!r}", where="--engine", fix=f"use one of: {', '.join(sorted(ENGINES))}")
+    chosen = engines.find(engine)
+    if chosen is None:
+        raise StorageError(f"unknown engine {engine!r}", where="--engine", fix=f"use one of: {', '.join(engines.IDS)}")
     if gpu.lower() != "cpu" and compute_capability(gpu) is None:
         raise StorageError(f"unknown GPU {gpu!r}", where="--gpu",
                            fix=f"use cpu or one of: {', '.join(GPU_COMPUTE_CAPABILITY)}")
@@ -83,8 +80,8 @@ def select(index: dict[str, Any], *, engine: str, gpu: str, max_gb: float | None
     why = [f"{len(pool)} variant(s) published" + (f" for {model}" if model else "")]
     steps = [
         ("passed their gate", lambda e: e.get("gate", {}).get("passed") is True),
-        (f"load in {name}", lambda e: name in e.get("engines", [])),
-        (f"run on {gpu}", lambda e: _runs_on(e, name, gpu)),
+        (f"load in {chosen.name}", lambda e: engines.loads(e.get("engines", []), chosen.id)),
+        (f"run on {gpu}", lambda e: _runs_on(e, chosen, gpu)),
     ]
     if max_gb is not None:
         steps.append((f"fit in {max_gb:g} GB", lambda e: (e.get("size_bytes") or 0) <= max_gb * 1e9))
