@@ -35,7 +35,7 @@ class Stage:
 
     Attributes:
         id: unique and readable, e.g. ``quantize/fp8-dynamic``.
-        kind: which runner executes it (``pipeline.stages.RUNNERS``).
+        kind: which runner executes it (``pipeline.stages.runner``).
         params: JSON-able parameters that shape the output.
         inputs: ids of the stages whose outputs it reads (their keys enter its key, in this order).
         after: ids of stages whose verdict it reads but whose output does not shape its own (an

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from pipeline.publishing.manifest import build_manifest
-from pipeline.stages.context import StageInput
 from pipeline.stages import publish
+from pipeline.stages.context import StageInput
 from pipeline.stages.publish import Result
 from pipeline.storage.publish import publish_variant
 
