@@ -317,7 +317,7 @@ def _wait_for_file(proc: subprocess.Popen, path: Path, timeout=300.0) -> None:
 def test_killed_mid_stage_resumes(recipe_factory, dirs, tmp_path, sig):
     """The baseline stage is held with its output written but not committed (MODELBUILD_TEST_HOLD)
     until the signal lands: interrupted mid-stage on any machine, however fast."""
-    from pipeline.executors.local import HOLD_ENV
+    from pipeline.executors.scheduler import HOLD_ENV
 
     recipe = recipe_factory()
     ready = tmp_path / "baseline-running"
@@ -361,7 +361,7 @@ def test_a_run_catches_ctrl_c_unless_its_parent_ignores_it(recipe_factory, dirs,
     """The cause of the ctrl-c test's exit 0: a run started with SIGINT ignored (as a shell without
     job control starts background jobs, e.g. CI's) inherits that and the kernel drops the signal;
     modelbuild and its libraries swallow nothing — started at the default, the run catches it."""
-    from pipeline.executors.local import HOLD_ENV
+    from pipeline.executors.scheduler import HOLD_ENV
 
     ready = tmp_path / "baseline-running"
     disposition = signal.SIG_IGN if parent == "ignores" else signal.SIG_DFL

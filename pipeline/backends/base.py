@@ -53,12 +53,15 @@ class Backend(ABC):
         distributions: (import name, distribution name) pairs it needs; their versions enter
             the quantize stage's key.
         extra: the ``pip install 'modelbuild[extra]'`` that provides them.
+        chain: which stages the planner gives its variants (``pipeline.plan.build.CHAINS``):
+            ``standard`` (quantize, evaluate, gate, publish), ``gguf`` or ``trtllm``.
     """
 
     name: ClassVar[str]
     variant: ClassVar[type]
     distributions: ClassVar[tuple[tuple[str, str], ...]]
     extra: ClassVar[str]
+    chain: ClassVar[str] = "standard"
 
     @property
     def tools(self) -> tuple[str, ...]:
@@ -107,20 +110,6 @@ class Backend(ABC):
         """The GPUs the variant's format needs, in words (for error messages)."""
         need = self.describe(variant).min_compute_capability
         return "no particular GPU" if need is None else f"compute capability {need:g}+"
-
-    def plan_stages(self, variant: Any, planning: Any) -> list:
-        """The DAG stages of one variant (``pipeline.plan.variant_stages.Planning`` in, stages
-        out, shared ones added once). Default: quantize, evaluate, gate, publish."""
-        from pipeline.plan.variant_stages import standard_stages
-
-        return standard_stages(self, variant, planning)
-
-    def publish_params(self, variant: Any, planning: Any) -> dict[str, Any]:
-        """Extra parameters of the variant's publish stage: the serving profiles of the engines
-        that load it, for the recipe's targets."""
-        from pipeline.publishing.serving import profiles_for
-
-        return {"serving_profiles": profiles_for(self, variant, planning.recipe.targets)}
 
     def forward(self, model: Any):
         """``ids [1, S] -> logits [S, vocab]`` for a model from ``load_for_eval`` (a transformers

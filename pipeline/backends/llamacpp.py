@@ -119,6 +119,7 @@ class LlamaCppBackend(Backend):
     variant = LlamaCppVariant
     distributions = (("llama_cpp", "llama-cpp-python"),)
     extra = "gguf"
+    chain = "gguf"
 
     @property
     def tools(self) -> tuple[str, ...]:
@@ -127,13 +128,6 @@ class LlamaCppBackend(Backend):
 
     def check_environment(self) -> None:
         toolchain.find()
-
-    def plan_stages(self, variant: Any, planning: Any) -> list:
-        """A shared F16 conversion, importance matrix and fidelity checks, then per type:
-        quantize, evaluate (in llama.cpp), speed, gate, publish (``pipeline.plan.gguf``)."""
-        from pipeline.plan.gguf import gguf_stages
-
-        return gguf_stages(variant, planning)
 
     def describe(self, variant: Any) -> FormatInfo:
         return FormatInfo(

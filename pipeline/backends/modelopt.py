@@ -169,6 +169,7 @@ class ModelOptBackend(Quantizer):
         ("torch", "torch"),
     )
     extra = "modelopt"
+    chain = "trtllm"  # the standard chain, then the variant's requested engines
 
     def describe(self, variant: Any) -> FormatInfo:
         info = QFORMATS[variant.qformat]
@@ -193,42 +194,6 @@ class ModelOptBackend(Quantizer):
         gpus = QFORMATS[variant.qformat]["gpus"]
         return "; ".join(f"{engine}: compute capability {low:g}+" if high == _ANY else
                          f"{engine}: compute capability {low:g} to below {high:g}" for engine, (low, high) in gpus.items())
-
-    def plan_stages(self, variant: Any, planning: Any) -> list:
-        """The standard chain, then per requested legacy engine: ``engine/<v>/<profile>`` (needs
-        a GPU of that architecture and TensorRT-LLM; built from the gated checkpoint) and
-        ``publish-engine/<v>/<profile>``."""
-        from pipeline.hardware import sm_name
-        from pipeline.plan.stage import Hints, Stage
-        from pipeline.plan.variant_stages import standard_stages
-        from pipeline.stages import VERSIONS
-
-        stages = standard_stages(self, variant, planning)
-        v = variant.name
-        for spec in variant.engines:
-            sm = sm_name(compute_capability(spec.gpu))
-            engine = Stage(
-                id=f"engine/{v}/{spec.profile}",
-                kind="trtllm_engine",
-                params={"variant": v, "engine": spec.model_dump(mode="json"), "sm": sm},
-                inputs=(f"quantize/{v}",),
-                after=(f"gate/{v}",),  # built only from a checkpoint that passed
-                tools=("tensorrt_llm", "tensorrt"),
-                version=VERSIONS["trtllm_engine"],
-                hints=Hints(needs_gpu=True, requires=(f"gpu:{sm}", "tensorrt_llm")),
-            )
-            publish = Stage(
-                id=f"publish-engine/{v}/{spec.profile}",
-                kind="publish_engine",
-                params={"model": planning.recipe.model_name, "variant": v, "name": f"{v}-trtllm-{spec.profile}",
-                        "engine_stage": engine.id},
-                inputs=(engine.id, f"quantize/{v}", f"evaluate/{v}", f"gate/{v}", "baseline", "fetch"),
-                version=VERSIONS["publish"],
-                cached=False,
-            )
-            planning.add(stages, engine)
-            planning.add(stages, publish)
-        return stages
 
     def check_variant(self, variant: Any, model_config: Any) -> None:
         """The installed ModelOpt has the presets; it can export the architecture; AWQ's block

@@ -157,16 +157,17 @@ def run(
 
     from pipeline.errors import GateFailed, ModelbuildError, NeedsHardware
     from pipeline.progress import Reporter
-    from pipeline.run.orchestrate import prepare
+    from pipeline.run.orchestrate import EXECUTORS, prepare
     from pipeline.run.orchestrate import run as run_prepared
     from pipeline.run.report import default_folder, write_for_run
     from pipeline.stages.gate import failure_lines
+    from pipeline.stages.status import Status
     from pipeline.stages.trtllm_engine import builder_command
 
-    if executor.lower() not in ("local", "ray"):
+    if executor.lower() not in EXECUTORS:
         from pipeline.errors import InputError
 
-        raise InputError(f"unknown executor {executor!r}", where="--executor", fix="use local or ray")
+        raise InputError(f"unknown executor {executor!r}", where="--executor", fix=f"use {' or '.join(EXECUTORS)}")
     # Off a terminal the reporter prints plain lines and a heartbeat every $MODELBUILD_PROGRESS_INTERVAL s.
     reporter = Reporter(mode="json" if json_progress else "quiet" if quiet else None)
     prepared = prepare(recipe, cache_dir=cache_dir, storage=storage, reporter=reporter)
@@ -219,10 +220,10 @@ def run(
         typer.echo(line)
     pending = []
     for outcome in report.outcomes.values():
-        if outcome.stage.kind == "publish_engine" and outcome.status in ("ran", "cached"):
+        if outcome.stage.kind == "publish_engine" and outcome.status in (Status.RAN, Status.CACHED):
             pub = outcome.result
             typer.echo(f"{outcome.stage.params['name']}: {pub['status']}" + (f" {pub['path']}" if "path" in pub else ""))
-        elif outcome.stage.kind == "trtllm_engine" and outcome.status == "skipped":
+        elif outcome.stage.kind == "trtllm_engine" and outcome.status == Status.SKIPPED:
             typer.echo(f"{outcome.stage.id}: {outcome.result['reason']}")
     for outcome in report.not_built():
         line = f"{outcome.stage.id}: not built, needs " + "; ".join(outcome.result["needs"])

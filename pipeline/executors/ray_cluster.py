@@ -1,7 +1,7 @@
 """Run a plan's stages as Ray tasks across a cluster that shares the stage cache.
 
-The DAG and the cache are the local executor's: the driver walks the plan, submits every stage
-whose inputs are done (so independent variants run at once, on any node with room), and each task
+The DAG, the cache and the scheduler (``pipeline.executors.scheduler``) are the local executor's:
+the driver walks the plan, submits every stage whose inputs are done (so independent variants run at once, on any node with room), and each task
 runs the same stage code against the same cache folder, which every node mounts at the same path.
 A cache entry appears by one rename, so two nodes racing on one key leave one whole entry.
 
@@ -29,9 +29,10 @@ from typing import Any
 
 from pipeline.cache.store import CacheStore
 from pipeline.errors import ClusterError, Interrupted, ModelbuildError, StageError
-from pipeline.executors.local import Outcome, Report, _describe, _run_stage
+from pipeline.executors.scheduler import Outcome, Progress, Report, run_stage, schedule
 from pipeline.plan.stage import Stage
 from pipeline.stages.context import RunContext, StageInput
+from pipeline.stages.status import Status
 
 # Packages whose versions shape outputs or the stage code: every node must match the driver.
 CHECKED_PACKAGES = ("modelbuild", "ray", "torch", "transformers", "safetensors", "llmcompressor", "compressed-tensors",
@@ -191,12 +192,12 @@ class _Quiet:
 
 
 def _remote_stage(ctx: RunContext, cache_root: str, stage: Stage, inputs: dict[str, StageInput]) -> tuple[Outcome, dict]:
-    """The body of a Ray task: the local executor's stage logic on this node."""
+    """The body of a Ray task: the scheduler's stage logic on this node."""
     import ray
 
     started = time.time()
     store = CacheStore(Path(cache_root))
-    outcome = _run_stage(ctx, store, stage, inputs, 0, 0)
+    outcome = run_stage(ctx, store, stage, inputs)
     where = {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
              "started": started, "ended": time.time()}
     return outcome, where
@@ -209,6 +210,71 @@ class RayReport(Report):
     placements: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
+class RayExecutor:
+    """Ready cached stages not in the cache yet go to the cluster as tasks (placed by their
+    hints); uncached ones (cheap: gates, publishing) and cache hits are handled on the driver. A
+    stage no node can take is not built (``needs``)."""
+
+    def __init__(self, ctx: RunContext, store: CacheStore, report: RayReport, *, cpus_per_stage: float,
+                 max_retries: int, totals: list[dict[str, float]]):
+        import ray
+
+        self.ctx, self.store, self.report = ctx, store, report
+        self.cpus_per_stage, self.max_retries, self.totals = cpus_per_stage, max_retries, totals
+        self.remote = ray.remote(max_retries=max_retries, retry_exceptions=False)(_remote_stage)
+        self.ctx_ref = ray.put(dataclasses.replace(ctx, reporter=_Quiet(), _storage=None))
+        self.running: dict[Any, Stage] = {}
+
+    def submit(self, stage: Stage, inputs: dict[str, StageInput], progress: Progress) -> Outcome | None:
+        if not stage.cached:
+            return run_stage(self.ctx, self.store, stage, inputs, progress)
+        entry = self.store.get(stage.key)
+        if entry is not None:
+            return Outcome(stage, Status.CACHED, entry.result, 0.0, entry)
+        place = placement(stage, self.cpus_per_stage, gpu_wanted=self.ctx.requested_device == "cuda")
+        if not any(not place.lacking(t) for t in self.totals):
+            lacking = sorted({name for t in self.totals for name in place.lacking(t)})
+            return Outcome(stage, Status.NEEDS, {"needs": [
+                f"a Ray node with {', '.join(lacking)} (no node of the cluster has it; "
+                "advertise it with `ray start --resources`)"]}, 0.0)
+        progress.running(stage)
+        ref = self.remote.options(**place.options(), name=stage.id).remote(self.ctx_ref, str(self.store.root), stage,
+                                                                           inputs)
+        self.running[ref] = stage
+        return None
+
+    def collect(self) -> tuple[Stage, Outcome] | None:
+        import ray
+        from ray.exceptions import RayTaskError, TaskCancelledError
+
+        if not self.running:
+            return None
+        done, _ = ray.wait(list(self.running), num_returns=1)
+        stage = self.running.pop(done[0])
+        try:
+            outcome, where = ray.get(done[0])
+        except RayTaskError as e:
+            cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
+            if isinstance(cause, ModelbuildError):
+                raise cause from None
+            raise StageError(f"stage {stage.id} failed on the cluster: {str(cause or e).splitlines()[0]}",
+                             fix="rerun with MODELBUILD_DEBUG=1; the node's log is in its Ray session folder") from None
+        except TaskCancelledError:
+            raise Interrupted(f"stage {stage.id} was cancelled", fix="rerun the same command to resume") from None
+        except ray.exceptions.RayError as e:  # the worker or node died more than max_retries times
+            raise StageError(f"stage {stage.id} lost its worker {self.max_retries + 1} times: {type(e).__name__}",
+                             fix="check the cluster's nodes (memory, preemption); rerun to resume from the cache") from None
+        self.report.placements[stage.id] = where
+        return stage, outcome
+
+    def cancel(self) -> None:
+        import ray
+
+        for ref in self.running:
+            ray.cancel(ref, force=True)
+        self.running.clear()
+
+
 def execute(plan, ctx: RunContext, store: CacheStore, *, address: str, cpus_per_stage: float = 1.0,
             max_retries: int = MAX_RETRIES) -> RayReport:
     """Run every stage of ``plan`` on the Ray cluster at ``address`` (``local``: start one here).
@@ -218,79 +284,10 @@ def execute(plan, ctx: RunContext, store: CacheStore, *, address: str, cpus_per_
         Interrupted: Ctrl-C (running tasks are cancelled; nothing half-written is kept).
         StageError / ModelbuildError: as the local executor, from whichever node ran the stage.
     """
-    import ray
-    from ray.exceptions import RayTaskError, TaskCancelledError
-
     connect(address)
     nodes = check_nodes(store.root)
-    totals = [n.get("Resources", {}) for n in nodes]
-    remote = ray.remote(max_retries=max_retries, retry_exceptions=False)(_remote_stage)
-    quiet_ctx = dataclasses.replace(ctx, reporter=_Quiet(), _storage=None)
-    ctx_ref = ray.put(quiet_ctx)
-
     report = RayReport()
-    order = {s.id: i for i, s in enumerate(plan.stages, 1)}
-    total = len(plan.stages)
-    waiting = list(plan.stages)
-    running: dict[Any, Stage] = {}
-
-    def finish(stage: Stage, outcome: Outcome) -> None:
-        report.outcomes[stage.id] = outcome
-        seconds = outcome.seconds if outcome.status == "built" else None
-        ctx.reporter.stage(order[stage.id], total, stage.id, _describe(outcome), seconds)
-
-    try:
-        while waiting or running:
-            for stage in list(waiting):
-                deps = stage.inputs + stage.after
-                if any(d not in report.outcomes for d in deps):
-                    continue
-                waiting.remove(stage)
-                inputs = {d: StageInput(report.outcomes[d].result, report.outcomes[d].entry, report.outcomes[d].status)
-                          for d in deps}
-                blocked = next((d for d in deps if inputs[d].status in ("needs", "skipped")), None)
-                if not stage.cached or blocked is not None:
-                    # Cheap (gates, publishing) or not to be built: here, as the local executor does.
-                    finish(stage, _run_stage(ctx, store, stage, inputs, order[stage.id], total))
-                    continue
-                entry = store.get(stage.key)
-                if entry is not None:
-                    finish(stage, Outcome(stage, "cached", entry.result, 0.0, entry))
-                    continue
-                place = placement(stage, cpus_per_stage, gpu_wanted=ctx.requested_device == "cuda")
-                if not any(not place.lacking(t) for t in totals):
-                    lacking = sorted({name for t in totals for name in place.lacking(t)})
-                    finish(stage, Outcome(stage, "needs", {"needs": [
-                        f"a Ray node with {', '.join(lacking)} (no node of the cluster has it; "
-                        "advertise it with `ray start --resources`)"]}, 0.0))
-                    continue
-                ctx.reporter.stage(order[stage.id], total, stage.id, "running")
-                running[remote.options(**place.options(), name=stage.id).remote(ctx_ref, str(store.root), stage, inputs)] = stage
-            if not running:
-                continue
-            done, _ = ray.wait(list(running), num_returns=1)
-            stage = running.pop(done[0])
-            try:
-                outcome, where = ray.get(done[0])
-            except RayTaskError as e:
-                cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
-                if isinstance(cause, ModelbuildError):
-                    raise cause from None
-                raise StageError(f"stage {stage.id} failed on the cluster: {str(cause or e).splitlines()[0]}",
-                                 fix="rerun with MODELBUILD_DEBUG=1; the node's log is in its Ray session folder") from None
-            except TaskCancelledError:
-                raise Interrupted(f"stage {stage.id} was cancelled", fix="rerun the same command to resume") from None
-            except ray.exceptions.RayError as e:  # the worker or node died more than max_retries times
-                raise StageError(f"stage {stage.id} lost its worker {max_retries + 1} times: {type(e).__name__}",
-                                 fix="check the cluster's nodes (memory, preemption); rerun to resume from the cache") from None
-            report.placements[stage.id] = where
-            finish(stage, outcome)
-    except KeyboardInterrupt:
-        for ref in running:
-            ray.cancel(ref, force=True)
-        raise Interrupted("interrupted; running stages were cancelled",
-                          fix="nothing half-written was kept; rerun the same command to resume") from None
-    except ModelbuildError as e:
-        e.report = report  # what finished before the failure, as the local executor hands back
-        raise
+    executor = RayExecutor(ctx, store, report, cpus_per_stage=cpus_per_stage, max_retries=max_retries,
+                           totals=[n.get("Resources", {}) for n in nodes])
+    schedule(plan, ctx, executor, report)
     return report

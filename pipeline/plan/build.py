@@ -6,7 +6,9 @@
       └────► quantize/<v> ──► evaluate/<v> ──► gate/<v> ──► publish/<v>
 
 (GGUF variants add a shared conversion, importance matrix and fidelity checks, and a speed
-measurement per variant: ``pipeline.plan.gguf``.)
+measurement per variant: ``pipeline.plan.gguf``; modelopt variants may add TensorRT-LLM engines:
+``pipeline.plan.trtllm``. Each backend names its chain, ``Backend.chain``.) The planner alone
+builds stages; backends only describe, check and quantize.
 
 Every key is computed up front (a stage's key includes its inputs' keys), so ``plan`` can say
 which stages are cached before anything runs. Plan time also does the cheap checks that would
@@ -31,13 +33,18 @@ from pipeline.errors import (
 )
 from pipeline.hardware import check_parallelism, compute_capability
 from pipeline.hashing import digest_json, sha256_file
+from pipeline.plan.gguf import gguf_stages
 from pipeline.plan.stage import Hints, Stage, tool_version
-from pipeline.plan.variant_stages import EVAL_TOOLS, Planning
+from pipeline.plan.trtllm import trtllm_stages
+from pipeline.plan.variant_stages import EVAL_TOOLS, Planning, standard_stages
 from pipeline.quality.calibration import calibration_digest
 from pipeline.quality.corpus import check_eval_tokens, read_text
 from pipeline.recipe.load import LoadedRecipe
 from pipeline.sources import ResolvedSource
 from pipeline.stages import VERSIONS
+
+# A backend's ``chain`` -> the planner of its variants' stages (backend, variant, planning -> stages).
+CHAINS = {"standard": standard_stages, "gguf": gguf_stages, "trtllm": trtllm_stages}
 
 
 @dataclass(frozen=True)
@@ -89,11 +96,11 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, sto
         "seq_len": recipe.eval.seq_len,
         "top_k": recipe.eval.top_k,
     }
-    baseline = Stage(
+    baseline = Stage.wired(
         id="baseline",
         kind="baseline",
         params=eval_params,
-        inputs=("fetch",),
+        inputs={"checkpoint": "fetch"},
         tools=EVAL_TOOLS,
         version=VERSIONS["baseline"],
         hints=Hints(uses_gpu=True),
@@ -102,7 +109,8 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, sto
 
     planning = Planning(recipe=recipe, data=data, eval_params=eval_params, existing={s.id for s in stages})
     for variant in recipe.variants:
-        stages += get_backend(variant.backend).plan_stages(variant, planning)
+        backend = get_backend(variant.backend)
+        stages += CHAINS[backend.chain](backend, variant, planning)
 
     tools = sorted({t for s in stages for t in s.tools})
     versions = {t: tool_version(t) for t in tools}

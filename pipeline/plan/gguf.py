@@ -18,6 +18,7 @@ import hashlib
 from typing import Any
 
 from pipeline.plan.stage import Stage
+from pipeline.plan.variant_stages import Planning, publish_params
 from pipeline.stages import VERSIONS
 
 TOOLS = ("llama.cpp",)
@@ -37,11 +38,9 @@ AWKWARD_STRINGS = (
 )
 
 
-def gguf_stages(variant, planning) -> list[Stage]:
+def gguf_stages(backend, variant, planning: Planning) -> list[Stage]:
     """The stages one llamacpp variant needs, shared ones first (those already planned are left
     out)."""
-    from pipeline.backends import get_backend
-
     recipe, data, eval_params = planning.recipe, planning.data, planning.eval_params
     calibration = planning.calibration(variant)
     cpu = cpu_model()
@@ -54,67 +53,72 @@ def gguf_stages(variant, planning) -> list[Stage]:
     license = recipe.source.license
     f16 = add(_convert("f16", metadata, license))
     base = add(_convert("bf16", metadata, license)) if variant.type == "BF16" else f16
-    add(Stage(
+    fidelity = add(Stage.wired(
         id="gguf/fidelity",
         kind="gguf_fidelity",
         params={"max_kld": recipe.gguf.fidelity.max_kld, "strings": list(AWKWARD_STRINGS) + recipe.gguf.fidelity.strings,
                 **eval_params},
-        inputs=(f16.id, "baseline", "fetch"),
+        inputs={"conversion": f16.id, "baseline": "baseline", "fetch": "fetch"},
         tools=("llama.cpp", "transformers"),
         version=VERSIONS["gguf_fidelity"],
     ))
-    quantize_inputs = [base.id]
+    quantize_inputs = {"conversion": base.id}
     if variant.uses_imatrix():
         digest = hashlib.sha256(repr(sorted(calibration.items())).encode()).hexdigest()[:8]
-        imatrix = add(Stage(
+        imatrix = add(Stage.wired(
             id=f"gguf/imatrix-{digest}",
             kind="gguf_imatrix",
             params={"calibration": {"sha256": data["calibration"], **calibration}},
-            inputs=(f16.id, "fetch"),
+            inputs={"conversion": f16.id, "fetch": "fetch"},
             tools=TOOLS + ("transformers",),
             version=VERSIONS["gguf_imatrix"],
         ))
-        quantize_inputs.append(imatrix.id)
+        quantize_inputs["imatrix"] = imatrix.id
     name = variant.name
-    quantize = add(Stage(
+    quantize = add(Stage.wired(
         id=f"quantize/{name}",
         kind="gguf_quantize",
         params={"backend": variant.backend, "options": variant.backend_params(), "base": base.id},
-        inputs=tuple(quantize_inputs),
+        inputs=quantize_inputs,
+        variant=name,
         tools=TOOLS,
         version=VERSIONS["gguf_quantize"],
     ))
-    evaluate = add(Stage(
+    evaluate = add(Stage.wired(
         id=f"evaluate/{name}",
         kind="evaluate",
         params={**eval_params, "backend": variant.backend},
-        inputs=(quantize.id, "baseline"),
+        inputs={"checkpoint": quantize.id, "baseline": "baseline"},
+        variant=name,
         tools=TOOLS + ("torch",),
         version=VERSIONS["evaluate"],
     ))
-    speed = add(Stage(
+    speed = add(Stage.wired(
         id=f"speed/{name}",
         kind="gguf_speed",
         # The CPU enters the key: figures measured on another machine are not this one's.
         params={**recipe.gguf.speed.model_dump(), "cpu": cpu},
-        inputs=(quantize.id,),
+        inputs={"checkpoint": quantize.id},
+        variant=name,
         tools=TOOLS,
         version=VERSIONS["gguf_speed"],
     ))
-    gate = add(Stage(
+    gate = add(Stage.wired(
         id=f"gate/{name}",
         kind="gate",
         params={"gate": recipe.eval.gate.merged(variant.gate).model_dump()},
-        inputs=(evaluate.id, "gguf/fidelity"),
+        inputs={"evaluation": evaluate.id, "fidelity": fidelity.id},
+        variant=name,
         version=VERSIONS["gate"],
         cached=False,
     ))
-    add(Stage(
+    add(Stage.wired(
         id=f"publish/{name}",
         kind="publish",
-        params={"model": recipe.model_name, "variant": name, "base_model": recipe.base_model,
-                **get_backend(variant.backend).publish_params(variant, planning)},
-        inputs=(quantize.id, evaluate.id, gate.id, "baseline", "fetch", speed.id, "gguf/fidelity"),
+        params=publish_params(backend, variant, planning),
+        inputs={"checkpoint": quantize.id, "evaluation": evaluate.id, "gate": gate.id, "baseline": "baseline",
+                "fetch": "fetch", "speed": speed.id, "fidelity": fidelity.id},
+        variant=name,
         version=VERSIONS["publish"],
         cached=False,
     ))
@@ -122,11 +126,11 @@ def gguf_stages(variant, planning) -> list[Stage]:
 
 
 def _convert(outtype: str, metadata: dict[str, Any], license: str | None) -> Stage:
-    return Stage(
+    return Stage.wired(
         id=f"gguf/convert-{outtype}",
         kind="gguf_convert",
         params={"outtype": outtype, "metadata": metadata, "license": license},
-        inputs=("fetch",),
+        inputs={"checkpoint": "fetch"},
         tools=CONVERT_TOOLS,
         version=VERSIONS["gguf_convert"],
     )

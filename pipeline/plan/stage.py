@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -34,12 +35,16 @@ class Stage:
 
     Attributes:
         id: unique and readable, e.g. ``quantize/fp8-dynamic``.
-        kind: which runner executes it (``pipeline.stages.RUNNERS``).
+        kind: which runner executes it (``pipeline.stages.runner``).
         params: JSON-able parameters that shape the output.
-        inputs: ids of the stages whose outputs it reads.
+        inputs: ids of the stages whose outputs it reads (their keys enter its key, in this order).
         after: ids of stages whose verdict it reads but whose output does not shape its own (an
             engine build waits for its checkpoint's gate; a changed gate threshold must not
             rebuild the engine): passed in like inputs, left out of the key.
+        roles: the role each of ``inputs`` and ``after`` plays (role -> stage id): the runner
+            gets its inputs under these names (its module's ``Inputs``); left out of the key.
+        variant: the recipe variant the stage belongs to (None for shared stages); left out of
+            the key (the variant's settings that shape the output are in ``params``).
         tools: distributions whose installed versions shape the output.
         version: the runner's code version (bumped when its output would change).
         cached: whether the output is a cache entry (gate and publish are not: they are cheap, or
@@ -53,11 +58,19 @@ class Stage:
     params: dict[str, Any]
     inputs: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
+    roles: Mapping[str, str] = field(default_factory=dict)
+    variant: str | None = None
     tools: tuple[str, ...] = ()
     version: int = 1
     cached: bool = True
     hints: Hints = field(default_factory=Hints)
     key: str = ""
+
+    @classmethod
+    def wired(cls, *, inputs: Mapping[str, str], after: Mapping[str, str] | None = None, **fields: Any) -> Stage:
+        """A stage whose inputs (and ``after``) are given by role: role -> stage id, in key order."""
+        after = after or {}
+        return cls(inputs=tuple(inputs.values()), after=tuple(after.values()), roles={**inputs, **after}, **fields)
 
     def compute_key(self, input_keys: dict[str, str], tool_versions: dict[str, str]) -> str:
         return digest_json(

@@ -1,8 +1,8 @@
-"""What every backend's part of the DAG starts from: the planning context and the standard
+"""What every variant's part of the DAG starts from: the planning context and the standard
 chain of one variant (``quantize ─► evaluate ─► gate ─► publish``).
 
-Backends that need more (GGUF's shared conversion, TensorRT-LLM's engines) extend it in their
-``Backend.plan_stages``.
+Chains that need more (GGUF's shared conversion: ``pipeline.plan.gguf``; TensorRT-LLM's engines:
+``pipeline.plan.trtllm``) are planned beside it; a backend names its chain (``Backend.chain``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ EVAL_TOOLS = ("torch", "transformers")
 
 @dataclass
 class Planning:
-    """What a backend may read while adding its stages.
+    """What the planner reads while adding a variant's stages.
 
     Attributes:
         recipe: the validated recipe.
@@ -50,46 +50,61 @@ class Planning:
         return stage
 
 
+def publish_params(backend, variant, planning: Planning) -> dict[str, Any]:
+    """A variant's publish parameters: what the model card and manifest name, and the serving
+    profiles of the engines that load it, for the recipe's targets (base_model is in the model
+    card: a new one is a new version)."""
+    from pipeline.publishing.serving import profiles_for
+
+    recipe = planning.recipe
+    return {"model": recipe.model_name, "variant": variant.name, "base_model": recipe.base_model,
+            "serving_profiles": profiles_for(backend, variant, recipe.targets)}
+
+
 def standard_stages(backend, variant, planning: Planning) -> list[Stage]:
     """``quantize/<v> ─► evaluate/<v> ─► gate/<v> ─► publish/<v>`` for one variant."""
     recipe = planning.recipe
+    name = variant.name
     params: dict[str, Any] = {"backend": variant.backend, "options": variant.backend_params()}
     calibration = planning.calibration(variant)
     if calibration is not None:
         params["calibration"] = {"sha256": planning.data["calibration"], **calibration}
-    quantize = Stage(
-        id=f"quantize/{variant.name}",
+    quantize = Stage.wired(
+        id=f"quantize/{name}",
         kind="quantize",
         params=params,
-        inputs=("fetch",),
+        inputs={"checkpoint": "fetch"},
+        variant=name,
         tools=backend.tools,
         version=VERSIONS["quantize"],
         hints=Hints(uses_gpu=True),
     )
-    evaluate = Stage(
-        id=f"evaluate/{variant.name}",
+    evaluate = Stage.wired(
+        id=f"evaluate/{name}",
         kind="evaluate",
         params={**planning.eval_params, "backend": variant.backend},
-        inputs=(quantize.id, "baseline"),
+        inputs={"checkpoint": quantize.id, "baseline": "baseline"},
+        variant=name,
         tools=tuple(sorted(set(EVAL_TOOLS) | set(backend.tools))),
         version=VERSIONS["evaluate"],
         hints=Hints(uses_gpu=True),
     )
-    gate = Stage(
-        id=f"gate/{variant.name}",
+    gate = Stage.wired(
+        id=f"gate/{name}",
         kind="gate",
         params={"gate": recipe.eval.gate.merged(variant.gate).model_dump()},
-        inputs=(evaluate.id,),
+        inputs={"evaluation": evaluate.id},
+        variant=name,
         version=VERSIONS["gate"],
         cached=False,
     )
-    publish = Stage(
-        id=f"publish/{variant.name}",
+    publish = Stage.wired(
+        id=f"publish/{name}",
         kind="publish",
-        # base_model is in the model card: a new one is a new version.
-        params={"model": recipe.model_name, "variant": variant.name, "base_model": recipe.base_model,
-                **backend.publish_params(variant, planning)},
-        inputs=(quantize.id, evaluate.id, gate.id, "baseline", "fetch"),
+        params=publish_params(backend, variant, planning),
+        inputs={"checkpoint": quantize.id, "evaluation": evaluate.id, "gate": gate.id, "baseline": "baseline",
+                "fetch": "fetch"},
+        variant=name,
         version=VERSIONS["publish"],
         cached=False,
     )

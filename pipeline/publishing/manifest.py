@@ -10,24 +10,32 @@ gate, and how to serve them. ``pipeline.storage.manifest`` reads and checks it.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
+
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages import publish
+    from pipeline.stages.context import RunContext
 
 MANIFEST_VERSION = 1
 
 
-def build_manifest(ctx, stage, inputs) -> dict[str, Any]:
-    """Everything but ``files``, ``version`` and ``serve`` (publish fills those in)."""
+def build_manifest(ctx: RunContext, stage: Stage, inputs: publish.Inputs) -> dict[str, Any]:
+    """Everything but ``files``, ``version`` and ``serve`` (publish fills those in), from the
+    publish stage's inputs by role (``checkpoint``, ``evaluation``, ``gate``, ``baseline``,
+    ``fetch``; ``speed`` and ``fidelity`` when planned)."""
     name = stage.params["variant"]
     recipe = ctx.recipe
-    variant = ctx.variant(name)
-    quant = inputs[f"quantize/{name}"]
-    evaluation = inputs[f"evaluate/{name}"].result
+    variant = ctx.variant(stage.variant)
+    quant = inputs["checkpoint"]
+    evaluation = inputs["evaluation"].result
     baseline = inputs["baseline"].result
     plan = ctx.plan
     stages = plan.by_id()
-    used_tools = sorted({t for sid in (f"quantize/{name}", f"evaluate/{name}", "fetch") for t in stages[sid].tools})
+    quantize = stages[stage.roles["checkpoint"]]
+    used_tools = sorted({t for role in ("checkpoint", "evaluation", "fetch") for t in stages[stage.roles[role]].tools})
     data: dict[str, Any] = {
         "eval": {
             "path": str(recipe.eval.corpus),
@@ -37,8 +45,8 @@ def build_manifest(ctx, stage, inputs) -> dict[str, Any]:
         },
         "calibration": None,
     }
-    settings = stages[f"quantize/{name}"].params.get("calibration")
-    for upstream in stages[f"quantize/{name}"].inputs:  # GGUF: calibration feeds the importance matrix
+    settings = quantize.params.get("calibration")
+    for upstream in quantize.inputs:  # GGUF: calibration feeds the importance matrix
         settings = settings or stages[upstream].params.get("calibration")
     if settings is not None:
         cal = recipe.calibration
@@ -50,7 +58,7 @@ def build_manifest(ctx, stage, inputs) -> dict[str, Any]:
         "variant": name,
         "build_key": stage.key,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {**ctx.source.provenance, "checkpoint_digest": inputs["fetch"].entry.digest},
+        "source": {**ctx.source.provenance, "checkpoint_digest": inputs["fetch"].stored.digest},
         "license": recipe.source.license,
         "recipe": {"name": recipe.name, "path": str(ctx.loaded.path), "sha256": ctx.loaded.digest},
         "variant_spec": variant.model_dump(mode="json"),
@@ -65,12 +73,12 @@ def build_manifest(ctx, stage, inputs) -> dict[str, Any]:
             "method": evaluation["cpu_evaluation"],
             "kld": evaluation["kld_method"],
         },
-        "gate": inputs[f"gate/{name}"].result,
+        "gate": inputs["gate"].result,
     }
-    if f"speed/{name}" in inputs:
-        manifest["speed"] = inputs[f"speed/{name}"].result
-    if "gguf/fidelity" in inputs:
-        fidelity = inputs["gguf/fidelity"].result
+    if "speed" in inputs:
+        manifest["speed"] = inputs["speed"].result
+    if "fidelity" in inputs:
+        fidelity = inputs["fidelity"].result
         manifest["fidelity"] = {k: fidelity[k] for k in ("tokenizer", "f16_mean_kld", "f16_max_kld", "max_kld")}
     if quant.result.get("tensor_types") is not None:
         manifest["gguf"] = {k: quant.result[k] for k in

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.backends import get_backend
 from pipeline.cache.store import CacheStore
-from pipeline.executors.local import Report, execute
+from pipeline.executors import local, ray_cluster
+from pipeline.executors.scheduler import Report
 from pipeline.plan.build import Plan, build_plan
 from pipeline.progress import Reporter
 from pipeline.recipe.load import LoadedRecipe, load_recipe
@@ -42,6 +44,36 @@ def storage_root(loaded: LoadedRecipe, override: str | os.PathLike[str] | None) 
     return default_root()
 
 
+@dataclass(frozen=True)
+class ExecutorChoice:
+    """One way to run a plan.
+
+    Attributes:
+        execute: (plan, context, cache, cluster address or None) -> the run's report.
+        checks_device: whether ``--device`` names this machine's device (checked before the run)
+            rather than the executor's workers' (on Ray, ``cuda`` asks for the cluster's GPUs).
+    """
+
+    execute: Callable[[Plan, RunContext, CacheStore, str | None], Report]
+    checks_device: bool
+
+
+def _local(plan: Plan, ctx: RunContext, store: CacheStore, address: str | None) -> Report:
+    return local.execute(plan, ctx, store)
+
+
+def _ray(plan: Plan, ctx: RunContext, store: CacheStore, address: str | None) -> Report:
+    return ray_cluster.execute(plan, ctx, store, address=address or "local")
+
+
+# ``--executor`` -> how the plan runs: ``local`` (this machine, one stage at a time) or ``ray``
+# (stages as Ray tasks across a cluster sharing the cache; ``address`` ``local`` starts one here).
+EXECUTORS: dict[str, ExecutorChoice] = {
+    "local": ExecutorChoice(_local, checks_device=True),
+    "ray": ExecutorChoice(_ray, checks_device=False),
+}
+
+
 @dataclass
 class Prepared:
     loaded: LoadedRecipe
@@ -69,9 +101,9 @@ def run(prepared: Prepared, *, device: str, reporter: Reporter, locked: bool = F
     """Execute a prepared plan: the lock (under ``locked``) and the storage root are checked
     first, so nothing runs for nothing. A Hub source's resolution is recorded in the lock.
 
-    ``executor``: ``local`` (this machine) or ``ray`` (the cluster at ``address``; ``local``
-    starts a one-machine Ray)."""
-    if executor != "ray":  # on Ray, --device cuda asks for the cluster's GPUs, not this machine's
+    ``executor``: a name in ``EXECUTORS``; ``address``: the Ray cluster's, when it is ``ray``."""
+    chosen = EXECUTORS[executor]
+    if chosen.checks_device:
         from pipeline.hardware import check_device
 
         device = check_device(device)
@@ -88,8 +120,4 @@ def run(prepared: Prepared, *, device: str, reporter: Reporter, locked: bool = F
         reporter=reporter,
         plan=prepared.plan,
     )
-    if executor == "ray":
-        from pipeline.executors import ray_cluster
-
-        return ray_cluster.execute(prepared.plan, ctx, prepared.store, address=address or "local")
-    return execute(prepared.plan, ctx, prepared.store)
+    return chosen.execute(prepared.plan, ctx, prepared.store, address)

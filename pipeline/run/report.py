@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, redact
+from pipeline.stages.status import Status
 
 SUMMARY_FORMAT = 1
 
@@ -32,22 +33,22 @@ def variant_rows(recipe, report) -> list[dict[str, Any]]:
         quant, evaluation = out.get(f"quantize/{variant.name}"), out.get(f"evaluate/{variant.name}")
         gate, publish = out.get(f"gate/{variant.name}"), out.get(f"publish/{variant.name}")
         row: dict[str, Any] = {"variant": variant.name, "backend": variant.backend}
-        if gate is not None and gate.status != "needs" and "passed" in gate.result:
+        if gate is not None and gate.status != Status.NEEDS and "passed" in gate.result:
             row["status"] = "passed" if gate.result["passed"] else "failed"
             row["gate_failures"] = failure_lines(variant.name, gate.result)
             if gate.result["passed"] and publish is None:  # the run stopped between its gate and its publish
                 row["status"] = "error"
-        elif any(o is not None and o.status == "needs" for o in (quant, evaluation, gate)):
+        elif any(o is not None and o.status == Status.NEEDS for o in (quant, evaluation, gate)):
             row["status"] = "not built"
         else:
             row["status"] = "error"
-        if quant is not None and quant.status != "needs":
+        if quant is not None and quant.status != Status.NEEDS:
             row["size_bytes"] = quant.result.get("size_bytes")
             row["format"] = quant.result.get("format", {}).get("format")
-        if evaluation is not None and evaluation.status != "needs":
+        if evaluation is not None and evaluation.status != Status.NEEDS:
             row["metrics"] = evaluation.result.get("metrics")
             row["seconds"] = {"evaluate": evaluation.seconds}
-        if publish is not None and publish.status != "needs":
+        if publish is not None and publish.status != Status.NEEDS:
             row["publish"] = {k: publish.result.get(k) for k in ("status", "path", "version") if k in publish.result}
         rows.append(row)
     return rows

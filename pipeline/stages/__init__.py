@@ -1,4 +1,7 @@
-"""What each stage kind does. One module per kind, each with ``run(ctx, stage, inputs, out)``.
+"""What each stage kind does. One module per kind, each with ``run(ctx, stage, inputs, out)``,
+its ``Inputs`` (a TypedDict: the roles it reads, each an upstream ``StageInput``; optional roles
+are those of a ``total=False`` class) and its ``Result`` (a TypedDict, JSON-able: it is stored
+with the cache entry). The planner wires a stage's inputs by those roles (``Stage.roles``).
 
 ``VERSIONS`` is the code version of each kind's output; it enters every key of that kind, so
 bump it when a change to a runner would change what it writes.

@@ -13,21 +13,46 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pipeline.quality.corpus import read_text, token_windows
 from pipeline.quality.reference import write_reference
 from pipeline.sources import tokenizer_check
+from pipeline.stages.context import StageInput
+
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages.context import RunContext
 
 # The granularity check reads this much of the eval text: thousands of tokens, a stable ratio.
 _SAMPLE_CHARS = 20_000
 
 
-def run(ctx, stage, inputs, out: Path) -> dict:
+class Inputs(TypedDict):
+    checkpoint: StageInput  # the fetched model
+
+
+class Result(TypedDict):
+    """What ``pipeline.quality.reference.write_reference`` says of the stored reference, and how
+    it was computed."""
+
+    ppl: float
+    tokens_scored: int
+    windows: int
+    vocab: int
+    form: str
+    top_k: int | None
+    eval_granularity: dict[str, Any]
+    device: str
+    forward_seconds: float
+
+
+def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ev = ctx.recipe.eval
-    checkpoint = inputs["fetch"].data
+    checkpoint = inputs["checkpoint"].data
     trust = ctx.recipe.source.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust)
     text = read_text(ev.corpus, what="eval.corpus")
@@ -41,5 +66,6 @@ def run(ctx, stage, inputs, out: Path) -> dict:
     with ctx.reporter.steps("baseline forward", windows.shape[0]) as advance:
         facts = write_reference(out, model, windows, top_k=ev.top_k, device=ctx.device, advance=advance)
     tokenizer_check.check_baseline_perplexity(facts["ppl"], facts["vocab"], where="baseline")
-    return {**facts, "eval_granularity": granularity, "device": ctx.device,
-            "forward_seconds": round(time.perf_counter() - started, 3)}
+    return {"ppl": facts["ppl"], "tokens_scored": facts["tokens_scored"], "windows": facts["windows"],
+            "vocab": facts["vocab"], "form": facts["form"], "top_k": facts["top_k"], "eval_granularity": granularity,
+            "device": ctx.device, "forward_seconds": round(time.perf_counter() - started, 3)}

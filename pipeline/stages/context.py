@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.store import Entry
+from pipeline.errors import StageError
 from pipeline.progress import Reporter
 from pipeline.recipe.load import LoadedRecipe
 from pipeline.sources import ResolvedSource
+from pipeline.stages.status import Status
 
 
 @dataclass
@@ -55,20 +57,39 @@ class RunContext:
     def recipe(self):
         return self.loaded.recipe
 
-    def variant(self, name: str):
-        return next(v for v in self.recipe.variants if v.name == name)
+    def variant(self, name: str | None):
+        """The recipe's variant of that name (a stage's ``variant``).
+
+        Raises:
+            StageError: the stage belongs to no variant of the recipe (a planner bug).
+        """
+        found = next((v for v in self.recipe.variants if v.name == name), None)
+        if found is None:
+            raise StageError(f"no variant {name!r} in the recipe")
+        return found
 
 
 @dataclass(frozen=True)
 class StageInput:
-    """An upstream stage's output: a cache entry (files + result) or a plain result."""
+    """An upstream stage's output, handed to a runner under the role it plays there (see each
+    runner's ``Inputs``): a cache entry (files + result) or a plain result."""
 
     result: dict[str, Any]
     entry: Entry | None = None
-    status: str = "cached"
+    status: Status = Status.CACHED
+
+    @property
+    def stored(self) -> Entry:
+        """The cache entry.
+
+        Raises:
+            ValueError: the upstream stage is not cached (it has no files).
+        """
+        if self.entry is None:
+            raise ValueError("this input has no files")
+        return self.entry
 
     @property
     def data(self) -> Path:
-        if self.entry is None:
-            raise ValueError("this input has no files")
-        return self.entry.data
+        """The entry's files."""
+        return self.stored.data

@@ -9,25 +9,45 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pipeline.backends import get_backend
 from pipeline.quality.metrics import summarise
 from pipeline.quality.reference import Reference
 from pipeline.quality.runner import window_logprobs
+from pipeline.stages.context import StageInput
+
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages.context import RunContext
 
 
-def run(ctx, stage, inputs, out: Path) -> dict:
+class Inputs(TypedDict):
+    checkpoint: StageInput  # the variant's quantized files
+    baseline: StageInput
+
+
+class Result(TypedDict):
+    metrics: dict[str, float]
+    baseline_ppl: float
+    device: str
+    cpu_evaluation: str
+    kld_method: Any
+    forward_seconds: float
+
+
+def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     import torch
     from safetensors.torch import save_file
 
-    name = stage.id.split("/", 1)[1]
-    variant = ctx.variant(name)
+    variant = ctx.variant(stage.variant)
+    name = variant.name
     backend = get_backend(variant.backend)
     baseline = inputs["baseline"]
     ref = Reference(baseline.data)
     windows = ref.tokens
 
-    model = backend.load_for_eval(inputs[f"quantize/{name}"].data, ctx.device)
+    model = backend.load_for_eval(inputs["checkpoint"].data, ctx.device)
     forward = backend.forward(model)
     lps, klds, tops = [], [], []
     started = time.perf_counter()

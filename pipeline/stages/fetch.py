@@ -4,21 +4,38 @@ tokenizer that is plausibly broken before anything is built on it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from pipeline import sources
 from pipeline.errors import SourceError
 from pipeline.sources import tokenizer_check
 from pipeline.sources.checkpoint import inspect_checkpoint
 
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages.context import RunContext
 
-def run(ctx, stage, inputs, out: Path) -> dict:
+
+class Inputs(TypedDict):
+    pass  # the source itself is in the context
+
+
+class Result(TypedDict):
+    """The source's provenance and what materializing it found (``tokenizer`` among them; other
+    facts depend on the source's kind)."""
+
+    provenance: dict[str, Any]
+    tokenizer: dict[str, Any]
+
+
+def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     source = ctx.recipe.source
     facts = sources.materialize(source, ctx.source, out)
     # Whatever the kind, the cached checkpoint must pass the same checks as a local folder.
     inspect_checkpoint(out, allow_pickle=source.allow_pickle, trust_remote_code=source.trust_remote_code, where="fetch")
     granularity = check_tokenizer(out, trust_remote_code=source.trust_remote_code, where="fetch")
     tokenizer = {**facts.get("tokenizer", {}), "fixed_text": granularity}
-    return {"provenance": ctx.source.provenance, **facts, "tokenizer": tokenizer}
+    return cast("Result", {"provenance": ctx.source.provenance, **facts, "tokenizer": tokenizer})
 
 
 def check_tokenizer(checkpoint: Path, *, trust_remote_code: bool, where: str) -> dict:

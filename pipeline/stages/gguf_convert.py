@@ -7,14 +7,30 @@ is named per the GGUF spec from the metadata the converter wrote.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
+from pipeline.stages.context import StageInput
 from pipeline.toolchains import gguf_reader, llamacpp_tools
 
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages.context import RunContext
 
-def run(ctx, stage, inputs, out: Path) -> dict:
+
+class Inputs(TypedDict):
+    checkpoint: StageInput  # the fetched model
+
+
+class Result(TypedDict):
+    file: str
+    size_bytes: int
+    metadata: dict[str, Any]
+
+
+def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     outtype = stage.params["outtype"]
     tmp = out / f".convert-{outtype}.gguf"
-    llamacpp_tools.convert(inputs["fetch"].data, tmp, outtype, stage.params["metadata"], stage.params["license"])
+    llamacpp_tools.convert(inputs["checkpoint"].data, tmp, outtype, stage.params["metadata"], stage.params["license"])
     meta = gguf_reader.read_metadata(tmp)
     final = out / gguf_reader.file_name(meta, outtype.upper())
     tmp.rename(final)

@@ -11,6 +11,7 @@ every GGUF variant's gate when it fails:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pipeline.backends import llamacpp
 from pipeline.quality.corpus import read_text
@@ -19,15 +20,34 @@ from pipeline.quality.runner import window_logprobs
 
 # Shared with the fetch stage, which runs the same comparison for GGUF sources.
 from pipeline.sources.tokenizer_check import compare_tokenizers
+from pipeline.stages.context import StageInput
 from pipeline.toolchains import gguf_reader
 
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages.context import RunContext
 
-def run(ctx, stage, inputs, out: Path) -> dict:
+
+class Inputs(TypedDict):
+    conversion: StageInput  # the F16 GGUF
+    baseline: StageInput
+    fetch: StageInput  # the checkpoint, for its Hugging Face tokenizer
+
+
+class Result(TypedDict):
+    tokenizer: dict[str, Any]
+    f16_mean_kld: float
+    f16_max_kld: float
+    max_kld: float
+    checks: list[dict[str, Any]]  # as the gate's, added to every GGUF gate
+
+
+def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     import torch
     from transformers import AutoTokenizer
 
     p = stage.params
-    model = gguf_reader.gguf_file(inputs[stage.inputs[0]].data)
+    model = gguf_reader.gguf_file(inputs["conversion"].data)
     hf = AutoTokenizer.from_pretrained(inputs["fetch"].data, trust_remote_code=ctx.recipe.source.trust_remote_code)
     texts = [read_text(ctx.recipe.eval.corpus, what="eval.corpus"), *p["strings"]]
     tokenizer = compare_tokenizers(model, hf, texts)

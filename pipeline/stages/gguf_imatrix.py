@@ -9,12 +9,30 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 from pipeline.quality.calibration import calibration_samples
+from pipeline.stages.context import StageInput
 from pipeline.toolchains import gguf_reader, llamacpp_tools
 
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages.context import RunContext
 
-def run(ctx, stage, inputs, out: Path) -> dict:
+
+class Inputs(TypedDict):
+    conversion: StageInput  # the F16 GGUF
+    fetch: StageInput  # the checkpoint, for its tokenizer
+
+
+class Result(TypedDict):
+    file: str
+    chunks: int
+    ctx: int
+    threads: int
+
+
+def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     from transformers import AutoTokenizer
 
     settings = stage.params["calibration"]
@@ -27,7 +45,7 @@ def run(ctx, stage, inputs, out: Path) -> dict:
     # The name is recorded in the matrix and in every file quantized with it.
     text = out / f"{corpus}-{settings['samples']}x{settings['seq_len']}-seed{settings['seed']}.txt"
     text.write_text("".join(tokenizer.decode(ids) for ids in samples), encoding="utf-8")
-    model = gguf_reader.gguf_file(inputs[stage.inputs[0]].data)
+    model = gguf_reader.gguf_file(inputs["conversion"].data)
     target = out / "imatrix.gguf"
     threads = max(1, os.cpu_count() or 1)
     with ctx.reporter.steps("llama-imatrix", 1) as advance:

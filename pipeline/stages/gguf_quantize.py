@@ -7,16 +7,40 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pipeline.backends import get_backend
 from pipeline.hashing import sha256_file
+from pipeline.stages.context import StageInput
 from pipeline.toolchains import gguf_reader, llamacpp_tools
 
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages.context import RunContext
 
-def run(ctx, stage, inputs, out: Path) -> dict:
-    name = stage.id.split("/", 1)[1]
-    variant = ctx.variant(name)
-    conversion = inputs[stage.params["base"]]
+
+class _Always(TypedDict):
+    conversion: StageInput  # the F16 (or BF16) GGUF
+
+
+class Inputs(_Always, total=False):  # optional roles (see ``pipeline.stages.gate.Inputs``)
+    imatrix: StageInput  # types that use an importance matrix
+
+
+class Result(TypedDict):
+    format: dict[str, Any]
+    size_bytes: int
+    files: list[str]
+    file_type: Any
+    tensor_types: Any
+    metadata: dict[str, Any]
+    imatrix_sha256: str | None
+    conversion: str
+
+
+def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
+    variant = ctx.variant(stage.variant)
+    conversion = inputs["conversion"]
     base = gguf_reader.gguf_file(conversion.data)
     target = out / gguf_reader.file_name(conversion.result["metadata"], variant.type)
     imatrix = None
@@ -28,9 +52,8 @@ def run(ctx, stage, inputs, out: Path) -> dict:
         except OSError:
             shutil.copyfile(base, target)
     else:
-        imatrix_ids = [i for i in stage.inputs if i.startswith("gguf/imatrix")]
-        if imatrix_ids:
-            imatrix = inputs[imatrix_ids[0]].data / "imatrix.gguf"
+        if "imatrix" in inputs:
+            imatrix = inputs["imatrix"].data / "imatrix.gguf"
         tmp = out / f".{target.name}.tmp"
         llamacpp_tools.quantize(base, tmp, variant, imatrix_file=imatrix, threads=max(1, os.cpu_count() or 1))
         tmp.rename(target)

@@ -5,19 +5,35 @@ The quality figures are the checkpoint's it was built from (same weights and sca
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
 from pipeline.publishing.manifest import build_manifest
+from pipeline.stages import publish
+from pipeline.stages.context import StageInput
+from pipeline.stages.publish import Result
 from pipeline.storage.publish import publish_variant
 
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages.context import RunContext
 
-def run(ctx, stage, inputs, out=None) -> dict:
+
+class Inputs(publish.Inputs, total=True):
+    """A variant's publish inputs (``checkpoint``: the one the engine was built from, whose
+    quality figures are the engine's), and the engine."""
+
+    engine: StageInput
+
+
+def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path | None = None) -> Result:
     name = stage.params["variant"]
-    engine_id = stage.params["engine_stage"]
-    built = inputs[engine_id]
+    built = inputs["engine"]
     manifest = build_manifest(ctx, stage, inputs)
     facts = built.result
     manifest.update({
         "variant": stage.params["name"],
-        "built_from": {"variant": name, "build_key": inputs[f"quantize/{name}"].entry.key},
+        "built_from": {"variant": name, "build_key": inputs["checkpoint"].stored.key},
         "format": {
             **manifest["format"],
             "format": "tensorrt-llm-engine",
@@ -28,7 +44,7 @@ def run(ctx, stage, inputs, out=None) -> dict:
         "engine": facts,
         "size_bytes": sum(p.stat().st_size for p in built.data.rglob("*") if p.is_file()),
     })
-    return publish_variant(
+    return cast("Result", publish_variant(
         ctx.storage(), model=stage.params["model"], variant=stage.params["name"], build_key=stage.key,
         files_from=built.data / "engine", manifest=manifest,
-    )
+    ))

@@ -5,15 +5,33 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from pipeline.backends import get_backend
 from pipeline.quality.calibration import calibration_samples
+from pipeline.stages.context import StageInput
+
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages.context import RunContext
 
 
-def run(ctx, stage, inputs, out: Path) -> dict:
-    variant = ctx.variant(stage.id.split("/", 1)[1])
+class Inputs(TypedDict):
+    checkpoint: StageInput  # the fetched model
+
+
+class Result(TypedDict):
+    """The format and size of the quantized files, and the backend's own facts
+    (``Backend.quantize``; they differ per backend)."""
+
+    format: dict[str, Any]
+    size_bytes: int
+
+
+def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
+    variant = ctx.variant(stage.variant)
     backend = get_backend(variant.backend)
-    checkpoint = inputs["fetch"].data
+    checkpoint = inputs["checkpoint"].data
     samples = None
     settings = stage.params.get("calibration")
     if settings is not None:
@@ -26,4 +44,4 @@ def run(ctx, stage, inputs, out: Path) -> dict:
         )
     facts = backend.quantize(variant, checkpoint, out, calibration=samples, device=ctx.device)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return {"format": asdict(backend.describe(variant)), "size_bytes": size, **facts}
+    return cast("Result", {"format": asdict(backend.describe(variant)), "size_bytes": size, **facts})

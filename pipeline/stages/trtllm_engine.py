@@ -11,9 +11,30 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict, cast
 
 from pipeline.errors import StageError, StageSkipped
 from pipeline.hardware import TRTLLM_PYTHON_ENV, trtllm_python
+from pipeline.stages.context import StageInput
+
+if TYPE_CHECKING:
+    from pipeline.plan.stage import Stage
+    from pipeline.stages.context import RunContext
+
+
+class Inputs(TypedDict):
+    checkpoint: StageInput  # the variant's ModelOpt checkpoint
+    gate: StageInput  # its verdict (an ``after`` input: not in the key)
+
+
+class Result(TypedDict):
+    """What the build script reports (``sm``, ``gpu``, versions, ...) and how it was built."""
+
+    sm: str
+    tp: int
+    pp: int
+    limits: dict[str, int]
+    build_command: str
 
 SCRIPT = Path(__file__).resolve().parent.parent / "toolchains" / "trtllm_build.py"
 
@@ -27,7 +48,7 @@ def build_args(engine: dict, checkpoint: str, output: str) -> list[str]:
     ]
 
 
-def builder_command(recipe_path: Path, stage) -> str:
+def builder_command(recipe_path: Path, stage: Stage) -> str:
     """What to run on a machine that has the GPU and TensorRT-LLM."""
     engine = stage.params["engine"]
     return (f"on a builder with an {engine['gpu']} ({stage.params['sm']}) and TensorRT-LLM: "
@@ -35,11 +56,10 @@ def builder_command(recipe_path: Path, stage) -> str:
             f"another environment; share MODELBUILD_CACHE to reuse this machine's checkpoint)")
 
 
-def run(ctx, stage, inputs, out: Path) -> dict:
-    variant = stage.params["variant"]
-    if not inputs[f"gate/{variant}"].result["passed"]:
+def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
+    if not inputs["gate"].result["passed"]:
         raise StageSkipped("not built: the checkpoint failed its gate")
-    checkpoint = inputs[f"quantize/{variant}"].data
+    checkpoint = inputs["checkpoint"].data
     engine = stage.params["engine"]
     args = build_args(engine, str(checkpoint), str(out / "engine"))
     python = trtllm_python()
@@ -55,9 +75,9 @@ def run(ctx, stage, inputs, out: Path) -> dict:
         raise StageError("the engine build printed no result line") from None
     if facts["sm"] != stage.params["sm"]:
         raise StageError(f"engine built on {facts['sm']} ({facts['gpu']}), but the stage is for {stage.params['sm']}")
-    return {
+    return cast("Result", {
         **facts,
         "tp": engine["tp"], "pp": engine["pp"],
         "limits": {k: engine[k] for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens")},
         "build_command": " ".join([python if python != sys.executable else "python", *args]),
-    }
+    })

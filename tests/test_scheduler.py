@@ -1,0 +1,281 @@
+"""The scheduler every executor shares: ready set, inputs by role, the blocked-by-input rule,
+outcomes and their statuses; and stage keys, which roles and variants must not change."""
+
+from __future__ import annotations
+
+import json
+from types import ModuleType, SimpleNamespace
+from typing import TypedDict
+
+import pytest
+
+from pipeline.cache.store import CacheStore
+from pipeline.errors import StageError
+from pipeline.executors import scheduler
+from pipeline.executors.scheduler import Outcome, Report, run_stage, schedule
+from pipeline.plan.stage import Hints, Stage
+from pipeline.stages.context import StageInput
+from pipeline.stages.status import Status
+
+
+class _Reporter:
+    def __init__(self):
+        self.lines: list[tuple[str, str]] = []
+
+    def stage(self, index, total, stage_id, status, seconds=None):
+        self.lines.append((stage_id, status))
+
+
+def _kind(name: str, inputs: type | None = None, result=None) -> ModuleType:
+    """A stage kind whose runner records the inputs it got."""
+    module = ModuleType(name)
+    module.calls = []
+
+    def run(ctx, stage, got, out=None):
+        module.calls.append(got)
+        return dict(result or {"made": stage.id, "from": {role: i.result.get("made") for role, i in got.items()}})
+
+    module.run = run
+    if inputs is not None:
+        module.Inputs = inputs
+    return module
+
+
+class _SourceInputs(TypedDict):
+    pass
+
+
+class _UseAlways(TypedDict):
+    checkpoint: StageInput
+
+
+class _UseInputs(_UseAlways, total=False):
+    gate: StageInput
+
+
+@pytest.fixture
+def kinds(monkeypatch):
+    table = {"source": _kind("source", _SourceInputs), "use": _kind("use", _UseInputs),
+             "verdict": _kind("verdict", _SourceInputs, {"passed": True})}
+    monkeypatch.setattr(scheduler, "runner", table.__getitem__)
+    return table
+
+
+class _Local:
+    """Runs each stage at once, as the local executor does."""
+
+    def __init__(self, ctx, store):
+        self.ctx, self.store = ctx, store
+
+    def submit(self, stage, inputs, progress):
+        return run_stage(self.ctx, self.store, stage, inputs, progress)
+
+    def collect(self):
+        return None
+
+    def cancel(self):
+        pass
+
+
+class _HandOff(_Local):
+    """Hands every cached stage off and returns them later, last handed off first."""
+
+    def __init__(self, ctx, store):
+        super().__init__(ctx, store)
+        self.out: list = []
+
+    def submit(self, stage, inputs, progress):
+        if not stage.cached:
+            return super().submit(stage, inputs, progress)
+        self.out.append((stage, run_stage(self.ctx, self.store, stage, inputs)))
+        return None
+
+    def collect(self):
+        return self.out.pop() if self.out else None
+
+
+def _run(tmp_path, stages, executor=_Local):
+    ctx = SimpleNamespace(reporter=_Reporter(), requested_device="cpu")
+    store = CacheStore(tmp_path / "cache")
+    plan = SimpleNamespace(stages=tuple(stages))
+    return schedule(plan, ctx, executor(ctx, store)), ctx.reporter
+
+
+def _keyed(stage: Stage, n: int) -> Stage:
+    from dataclasses import replace
+
+    return replace(stage, key=f"{n:02d}" + "0" * 62)
+
+
+def test_inputs_arrive_by_role(tmp_path, kinds):
+    a = _keyed(Stage(id="a", kind="source", params={}), 1)
+    b = _keyed(Stage.wired(id="b/x", kind="use", params={}, inputs={"checkpoint": "a"}, variant="x"), 2)
+    report, _ = _run(tmp_path, [a, b])
+    (got,) = kinds["use"].calls
+    assert list(got) == ["checkpoint"] and got["checkpoint"].result == {"made": "a", "from": {}}
+    assert got["checkpoint"].status == Status.BUILT and got["checkpoint"].data.is_dir()
+    assert report.outcomes["b/x"].result == {"made": "b/x", "from": {"checkpoint": "a"}}
+    assert [o.status for o in report.outcomes.values()] == [Status.BUILT, Status.BUILT]
+
+
+def test_after_inputs_arrive_by_role_too(tmp_path, kinds):
+    a = _keyed(Stage(id="a", kind="source", params={}), 1)
+    g = _keyed(Stage(id="g", kind="verdict", params={}, cached=False), 2)
+    b = _keyed(Stage.wired(id="b", kind="use", params={}, inputs={"checkpoint": "a"}, after={"gate": "g"}), 3)
+    report, _ = _run(tmp_path, [a, g, b])
+    (got,) = kinds["use"].calls
+    assert set(got) == {"checkpoint", "gate"} and got["gate"].result == {"passed": True}
+    assert got["gate"].status == Status.RAN and report.outcomes["g"].status == Status.RAN
+
+
+def test_an_input_not_built_blocks_what_reads_it(tmp_path, kinds):
+    a = _keyed(Stage(id="a", kind="source", params={}, hints=Hints(requires=("no-such-thing",))), 1)
+    b = _keyed(Stage.wired(id="b", kind="use", params={}, inputs={"checkpoint": "a"}), 2)
+    c = _keyed(Stage.wired(id="c", kind="use", params={}, inputs={"checkpoint": "b"}), 3)
+    report, reporter = _run(tmp_path, [a, b, c])
+    assert kinds["use"].calls == [] and kinds["source"].calls == []
+    out = report.outcomes
+    assert out["a"].status == Status.NEEDS and out["a"].result == {"needs": ["unknown requirement 'no-such-thing'"]}
+    assert out["b"].status == Status.NEEDS and out["b"].result["blocked_by"] == "a"
+    assert out["c"].status == Status.NEEDS and out["c"].result["blocked_by"] == "b"
+    assert [o.stage.id for o in report.not_built()] == ["a"]  # the first of the chain only
+    assert ("b", "[yellow]not built[/yellow] (waits for a)") in reporter.lines
+
+
+def test_a_skipped_input_blocks_with_its_reason(tmp_path, kinds, monkeypatch):
+    from pipeline.errors import StageSkipped
+
+    def skip(ctx, stage, inputs, out=None):
+        raise StageSkipped("nothing to do")
+
+    monkeypatch.setattr(kinds["source"], "run", skip)
+    a = _keyed(Stage(id="a", kind="source", params={}), 1)
+    b = _keyed(Stage.wired(id="b", kind="use", params={}, inputs={"checkpoint": "a"}), 2)
+    report, reporter = _run(tmp_path, [a, b])
+    assert report.outcomes["a"].status == Status.SKIPPED
+    assert report.outcomes["b"].status == Status.SKIPPED
+    assert report.outcomes["b"].result == {"reason": "nothing to do", "blocked_by": "a"}
+    assert ("a", "skipped (nothing to do)") in reporter.lines
+
+
+def test_a_second_run_is_served_from_the_cache(tmp_path, kinds):
+    stages = [_keyed(Stage(id="a", kind="source", params={}), 1),
+              _keyed(Stage.wired(id="b", kind="use", params={}, inputs={"checkpoint": "a"}), 2)]
+    _run(tmp_path, stages)
+    report, reporter = _run(tmp_path, stages)
+    assert [o.status for o in report.outcomes.values()] == [Status.CACHED, Status.CACHED]
+    assert report.ran() == [] and reporter.lines == [("a", "cached"), ("b", "cached")]
+    assert len(kinds["use"].calls) == 1
+
+
+def test_handed_off_stages_are_collected_and_their_dependants_wait(tmp_path, kinds):
+    a = _keyed(Stage(id="a", kind="source", params={}), 1)
+    b1 = _keyed(Stage.wired(id="b1", kind="use", params={}, inputs={"checkpoint": "a"}), 2)
+    b2 = _keyed(Stage.wired(id="b2", kind="use", params={}, inputs={"checkpoint": "a"}), 3)
+    c = _keyed(Stage.wired(id="c", kind="use", params={}, inputs={"checkpoint": "b1"}), 4)
+    report, reporter = _run(tmp_path, [a, b1, b2, c], _HandOff)
+    assert set(report.outcomes) == {"a", "b1", "b2", "c"}
+    assert [sid for sid, _ in reporter.lines] == ["a", "b2", "b1", "c"]  # b1 and b2 were out together
+    assert report.outcomes["c"].result["from"] == {"checkpoint": "b1"}
+
+
+def test_roles_that_are_not_the_runners_are_refused(tmp_path, kinds):
+    a = _keyed(Stage(id="a", kind="source", params={}), 1)
+    wrong = _keyed(Stage.wired(id="b", kind="use", params={}, inputs={"weights": "a"}), 2)
+    with pytest.raises(StageError, match=r"planned with inputs \['weights'\], but use takes \['checkpoint'\]") as e:
+        _run(tmp_path, [a, wrong])
+    assert list(e.value.report.outcomes) == ["a"]  # what finished travels with the error
+
+
+def test_status_is_its_plain_string():
+    assert [s.value for s in Status] == ["cached", "built", "ran", "needs", "skipped"]
+    assert json.dumps({"status": Status.NEEDS}) == '{"status": "needs"}'
+    assert f"{Status.BUILT}" == "built" and Status("ran") is Status.RAN and Status.NEEDS == "needs"
+    assert Status.NEEDS.not_built and Status.SKIPPED.not_built and not Status.CACHED.not_built
+
+
+def test_report_lists_the_first_stage_of_each_chain_not_built():
+    def outcome(sid, status, result):
+        return Outcome(Stage(id=sid, kind="use", params={}), status, result, 0.0)
+
+    report = Report({"a": outcome("a", Status.NEEDS, {"needs": ["x"]}),
+                     "b": outcome("b", Status.NEEDS, {"needs": ["x"], "blocked_by": "a"}),
+                     "c": outcome("c", Status.BUILT, {})})
+    assert [o.stage.id for o in report.not_built()] == ["a"] and report.ran() == ["c"]
+
+
+def test_roles_and_variant_stay_out_of_the_key():
+    """The same digest as the pinned one (tests/test_cache.py) for a stage wired by role."""
+    tools = {"torch": "2.13.0", "llmcompressor": "0.13.0"}
+    plain = Stage(id="quantize/x", kind="quantize", params={"scheme": "FP8_DYNAMIC", "ignore": ["lm_head"]},
+                  inputs=("fetch",), tools=("torch", "llmcompressor"), version=1)
+    wired = Stage.wired(id="quantize/x", kind="quantize", params={"scheme": "FP8_DYNAMIC", "ignore": ["lm_head"]},
+                        inputs={"checkpoint": "fetch"}, variant="x", tools=("torch", "llmcompressor"), version=1)
+    assert wired.inputs == ("fetch",) and wired.roles == {"checkpoint": "fetch"} and wired.variant == "x"
+    key = wired.compute_key({"fetch": "f" * 64}, tools)
+    assert key == plain.compute_key({"fetch": "f" * 64}, tools)
+    assert key == "c79699483a0d3e2c8b5afd5f2d90004d1d25244bbb4bde6fe4e61ca58099a733"
+    late = Stage.wired(id="e", kind="trtllm_engine", params={}, inputs={"checkpoint": "q"}, after={"gate": "g"})
+    assert late.inputs == ("q",) and late.after == ("g",) and late.roles == {"checkpoint": "q", "gate": "g"}
+    assert late.compute_key({"q": "1" * 64, "g": "2" * 64}, {}) == late.compute_key({"q": "1" * 64, "g": "3" * 64}, {})
+
+
+def test_every_runner_declares_its_inputs_and_result():
+    import typing
+
+    from pipeline.stages import VERSIONS, runner
+
+    for kind in VERSIONS:
+        module = runner(kind)
+        assert typing.is_typeddict(module.Inputs) and typing.is_typeddict(module.Result), kind
+        assert module.run.__annotations__["return"] == "Result", kind  # postponed: the name
+
+
+def test_a_backend_that_declares_nothing_gets_the_standard_chain():
+    from pipeline.backends import get_backend
+    from pipeline.backends.base import Backend
+    from pipeline.plan.build import CHAINS
+    from pipeline.plan.gguf import gguf_stages
+    from pipeline.plan.trtllm import trtllm_stages
+    from pipeline.plan.variant_stages import standard_stages
+
+    class Plain(Backend):
+        name = "plain"
+        distributions = ()
+        extra = "plain"
+
+    assert CHAINS[Plain.chain] is standard_stages
+    assert CHAINS[get_backend("llamacpp").chain] is gguf_stages
+    assert CHAINS[get_backend("modelopt").chain] is trtllm_stages
+    assert not hasattr(Backend, "plan_stages") and not hasattr(Backend, "publish_params")
+
+
+@pytest.mark.parametrize("chain", ["standard", "gguf", "trtllm"])
+def test_every_planned_stage_gets_the_roles_its_runner_takes(tmp_path, tiny_model, wikitext, chain):
+    """Each chain's planner wires every stage with its runner's roles and names its variant."""
+    from pipeline.plan.build import build_plan
+    from pipeline.recipe.load import load_recipe
+    from tests.conftest import write_recipe
+    from tests.test_gguf import gguf_recipe
+    from tests.test_modelopt import modelopt_recipe
+
+    recipe = {
+        "standard": lambda: write_recipe(tmp_path, tiny_model, wikitext),
+        "gguf": lambda: gguf_recipe(tmp_path, tiny_model, wikitext, "- name: q4\n  backend: llamacpp\n  type: Q4_K_M\n"
+                                    "- name: bf\n  backend: llamacpp\n  type: BF16\n"),
+        "trtllm": lambda: modelopt_recipe(tmp_path, tiny_model, wikitext, "- name: x\n  backend: modelopt\n"
+                                          "  qformat: fp8\n  engines: [{gpu: H100}]\n"),
+    }[chain]()
+    plan = build_plan(load_recipe(recipe))
+    done = {s.id: Outcome(s, Status.RAN, {}, 0.0) for s in plan.stages}
+    kinds = set()
+    for stage in plan.stages:
+        assert set(scheduler.assemble(stage, done)) == set(stage.roles), stage.id
+        assert set(stage.roles.values()) == set(stage.inputs + stage.after), stage.id
+        shared = stage.kind in ("fetch", "baseline", "gguf_convert", "gguf_fidelity", "gguf_imatrix")
+        assert (stage.variant is None) == shared and (shared or stage.id.endswith(f"/{stage.variant}")
+                                                       or stage.id.startswith(("engine/", "publish-engine/"))), stage.id
+        kinds.add(stage.kind)
+    expected = {"standard": {"quantize"}, "gguf": {"gguf_quantize", "gguf_imatrix", "gguf_speed", "gguf_fidelity"},
+                "trtllm": {"trtllm_engine", "publish_engine"}}[chain]
+    assert expected <= kinds
