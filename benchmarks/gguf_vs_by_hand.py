@@ -99,8 +99,8 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from pipeline.run.orchestrate import prepare
     from pipeline.progress import Reporter
+    from pipeline.run.orchestrate import prepare
 
     prepared = prepare(args.recipe, cache_dir=args.cache_dir, storage=None, reporter=Reporter())
     plan = prepared.plan

@@ -116,8 +116,8 @@ def main() -> None:
 def _fetched_checkpoint(recipe: Path, cache_dir: str) -> str:
     """The bf16 checkpoint of the recipe's cached fetch stage (both sides start from it)."""
     from pipeline.cache.store import CacheStore
-    from pipeline.run.orchestrate import prepare
     from pipeline.progress import Reporter
+    from pipeline.run.orchestrate import prepare
 
     prepared = prepare(recipe, cache_dir=Path(cache_dir), storage=None, reporter=Reporter())
     entry = CacheStore(Path(cache_dir)).get(prepared.plan.by_id()["fetch"].key)

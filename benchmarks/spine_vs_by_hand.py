@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from _common import REPO, measure, single_variant_recipe
+
 DEMO = REPO / "recipes" / "smollm2-135m-instruct.yaml"
 
 

@@ -140,33 +140,3 @@ def missing(requires: tuple[str, ...]) -> list[str]:
         else:
             lacking.append(f"unknown requirement {need!r}")
     return lacking
-
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def check_device(requested: str) -> str:
-    """``--device`` checked before any stage runs (a stage would fail only after the fetch, with
-    torch's own text); returns it normalised (``cuda`` or ``cuda:N`` for a GPU).
-
-    Raises:
-        InputError: an unknown device, or a CUDA device this machine's torch cannot use.
-    """
-    from pipeline.errors import InputError
-
-    device = requested.strip().lower()
-    kind, _, index = device.partition(":")
-    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
-        raise InputError(f"unknown device {requested!r}", where="--device", fix="use auto, cpu, cuda or cuda:N")
-    if kind != "cuda":
-        return device
-    import torch
-
-    if not torch.cuda.is_available():
-        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise InputError(f"--device {device} but {why} (torch {torch.__version__})", where="--device",
-                         fix="use --device cpu or auto, or run on a machine with an NVIDIA GPU and a CUDA build of torch")
-    if index and int(index) >= torch.cuda.device_count():
-        raise InputError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA GPU(s)",
-                         where="--device", fix="choose an index below that")
-    return device

@@ -44,7 +44,7 @@ def tiny_model(tmp_path_factory, wikitext) -> Path:
     """A 2-layer, hidden-64 Llama with random weights (bf16 safetensors) and a 512-token BPE
     tokenizer trained on wikitext valid text: every code path in seconds."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("tiny-llama")

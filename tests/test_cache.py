@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.cache.store import CacheStore
 from pipeline.hashing import digest_json
-from pipeline.plan.stage import Stage
+from pipeline.stages.base import Stage
 
 KEY = "ab" + "0" * 62
 

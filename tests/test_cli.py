@@ -205,8 +205,9 @@ def test_bad_recipe_form_input_is_one_message_exit_2(cli, tmp_path, monkeypatch,
 
 
 def test_split_args_knows_which_options_take_values():
-    from pipeline.cli.main import app, split_args
     from typer.main import get_command
+
+    from pipeline.cli.main import app, split_args
 
     run = get_command(app).commands["run"]
     assert split_args(run, ["a.yaml", "--storage", "s.yaml", "--locked", "b.yml", "--device=cpu", "--", "-c.yaml"]) \

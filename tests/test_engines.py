@@ -96,7 +96,7 @@ def test_report_names_and_targets_come_from_the_catalogue():
 
 
 def test_init_offers_every_starter_engine():
-    from pipeline.recipe.starter import ENGINE_TITLES, ENGINES, Shapes, choose, parse_engines
+    from pipeline.starter import ENGINE_TITLES, ENGINES, Shapes, choose, parse_engines
 
     assert ENGINES == tuple(e.id for e in CATALOGUE if e.starter) == parse_engines(None)
     assert set(ENGINE_TITLES) == set(ENGINES)

@@ -74,8 +74,8 @@ def test_gguf_types_build_evaluate_and_publish(cli, dirs, tmp_path, tiny_smol, w
     # One conversion and one importance matrix, shared.
     assert err.count("gguf/convert-f16: done") == 1 and err.count("gguf/imatrix-") >= 1
 
-    from pipeline.toolchains.gguf_reader import read_metadata
     from pipeline.backends.llamacpp import LlamaEval
+    from pipeline.toolchains.gguf_reader import read_metadata
 
     manifests = {}
     for variant in ("gguf-f16", "gguf-q8", "gguf-q4km", "gguf-q4km-plain"):
@@ -146,9 +146,9 @@ def test_tokenizer_check_finds_a_different_tokenizer(tmp_path, tiny_smol, tiny_m
     """Break the tokenizer check on purpose: the GGUF's vocabulary against another tokenizer."""
     from transformers import AutoTokenizer
 
-    from pipeline.toolchains import llamacpp_tools
-    from pipeline.plan.gguf import AWKWARD_STRINGS
+    from pipeline.sources.tokenizer_check import AWKWARD_STRINGS
     from pipeline.stages.gguf_fidelity import compare_tokenizers
+    from pipeline.toolchains import llamacpp_tools
 
     out = tmp_path / "tiny.gguf"
     llamacpp_tools.convert(tiny_smol, out, "f16", {"general.name": "t"})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.recipe import load_recipe
-from pipeline.recipe.starter import DEMO_GATES, CALIBRATION, EVAL, EVAL_GATE, shapes_from_config, shapes_from_gguf
+from pipeline.starter import CALIBRATION, DEMO_GATES, EVAL, EVAL_GATE, shapes_from_config, shapes_from_gguf
 from tests.conftest import REPO, one_line
 from tests.test_sources import populate_hub_cache
 
@@ -107,7 +107,7 @@ def test_default_text_is_the_repos_wikitext(cli, tiny_model, tmp_path, monkeypat
 
     # Without the repository's copy (an installed package), the recipe still validates and the
     # summary says to point the options at real text.
-    monkeypatch.setattr("pipeline.recipe.starter.default_data_dir", lambda: tmp_path / "absent")
+    monkeypatch.setattr("pipeline.starter.default_data_dir", lambda: tmp_path / "absent")
     code, _, err = cli("init", tiny_model, "-o", out, "--force")
     assert code == 0, err
     assert "note: no eval text and no calibration text at the default path" in one_line(err)

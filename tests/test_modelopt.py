@@ -429,8 +429,8 @@ def test_nvfp4_activation_simulation_is_modelopts_arithmetic():
 
 def test_gate_change_does_not_rebuild_an_engine(tmp_path, tiny_model, wikitext):
     """An engine waits for its checkpoint's gate but is keyed by the checkpoint only."""
-    from pipeline.run.orchestrate import prepare
     from pipeline.progress import Reporter
+    from pipeline.run.orchestrate import prepare
 
     keys = []
     for gate in ("max_kld: 10.0", "max_kld: 5.0"):

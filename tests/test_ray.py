@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,8 +51,8 @@ class Cluster:
         return node
 
     def alive(self) -> int:
-        probe = ("import ray; ray.init(address=%r, logging_level='ERROR');"
-                 "print(sum(n['Alive'] for n in ray.nodes()))" % self.address)
+        probe = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR');"
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
         out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **ENV}, capture_output=True, text=True, timeout=120)
         return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
@@ -245,7 +245,7 @@ def test_unknown_executor_is_one_line(cli, recipe_factory):
 
 def test_placement_from_hints():
     from pipeline.executors.ray_cluster import Placement, placement
-    from pipeline.plan.stage import Hints, Stage
+    from pipeline.stages.base import Hints, Stage
 
     engine = Stage(id="engine/x", kind="trtllm_engine", params={}, hints=Hints(needs_gpu=True, memory_gb=2,
                    requires=("gpu:sm90", "tensorrt_llm")))

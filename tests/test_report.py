@@ -288,8 +288,9 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
     assert shot.stat().st_size > 20_000
     # The embedded plot is a real PNG of the drawn figure, not an empty image.
     png = base64.b64decode(re.search(r'id="plot-size_vs_kld"[^>]*src="data:image/png;base64,([^"]+)"', page_html).group(1))
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     with Image.open(io.BytesIO(png)) as im:
         colours = im.convert("RGB").getcolors(maxcolors=1 << 16)

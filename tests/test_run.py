@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, WIKITEXT
-
 from pipeline.backends.llmcompressor import LLMCompressorBackend
+from tests.conftest import REPO, WIKITEXT
 
 
 def _published(storage: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from pipeline.cache.store import CacheStore
 from pipeline.errors import StageError
 from pipeline.executors import scheduler
 from pipeline.executors.scheduler import Outcome, Report, run_stage, schedule
-from pipeline.plan.stage import Hints, Stage
+from pipeline.stages.base import Hints, Stage
 from pipeline.stages.context import StageInput
 from pipeline.stages.status import Status
 

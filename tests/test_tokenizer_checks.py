@@ -77,8 +77,8 @@ def _gguf_source(path: Path):
 def test_sentencepiece_gguf_imports_faithfully(tmp_path, tiny_sp, tiny_sp_gguf, wikitext):
     from transformers import AutoTokenizer
 
-    from pipeline.plan.gguf import AWKWARD_STRINGS
     from pipeline.sources import gguf
+    from pipeline.sources.tokenizer_check import AWKWARD_STRINGS
     from pipeline.stages.fetch import check_tokenizer
 
     source = _gguf_source(tiny_sp_gguf)
@@ -239,13 +239,14 @@ def test_corruption_warnings_are_errors():
                 "could be corrupted!")
     with pytest.raises(SourceError, match="Falling back to TikToken"):
         with tokenizer_check.corruption_is_an_error("fetch"):
-            warnings.warn("Could not extract SentencePiece model from x.model. Falling back to TikToken extractor.")
+            warnings.warn("Could not extract SentencePiece model from x.model. Falling back to TikToken extractor.",
+                          stacklevel=1)
     # Other warnings are not ours to judge: shown, not raised.
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
         with tokenizer_check.corruption_is_an_error("fetch"):
             logging.getLogger("transformers").warning("Merges were not in checkpoint, building merges on the fly.")
-            warnings.warn("something else", UserWarning)
+            warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in shown] == ["something else"]
 
 

@@ -215,7 +215,7 @@ def test_four_concurrent_runs_of_one_recipe_all_succeed(recipe_factory, dirs, tm
         procs = [subprocess.Popen([*argv, "--report-dir", str(tmp_path / f"r{round_}-{i}")], cwd=REPO,
                                   stdout=open(out, "w"), stderr=open(err, "w")) for i, (out, err) in enumerate(logs)]
         outs = [(p.wait(timeout=900), out.read_text(), err.read_text()) for p, (out, err) in zip(procs, logs)]
-        for code, out, err in outs:
+        for code, _out, err in outs:
             assert code == 0, err[-3000:]
         assert len(_versions(dirs["storage"])) == 1
         statuses = [line for _code, out, _err in outs for line in out.splitlines() if line.startswith("fp8: ")]

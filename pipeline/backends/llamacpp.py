@@ -87,7 +87,7 @@ class LlamaCppVariant(VariantBase):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "LlamaCppVariant":
+    def _consistent(self) -> LlamaCppVariant:
         if self.type in ("F16", "BF16"):
             if self.imatrix:
                 raise ValueError(f"imatrix does not apply to {self.type} (nothing is quantized)")

@@ -100,7 +100,7 @@ class AWQOptions(Strict):
     duo_scaling: bool | Literal["both"] = True
 
     @model_validator(mode="after")
-    def _grid_fits(self) -> "AWQOptions":
+    def _grid_fits(self) -> AWQOptions:
         # llm-compressor divides by n_grid - 2 (duo_scaling true) or n_grid/2 - 1 ("both").
         least = {True: 3, "both": 4}.get(self.duo_scaling, 2)
         if self.n_grid < least:
@@ -149,7 +149,7 @@ class LLMCompressorVariant(VariantBase):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "LLMCompressorVariant":
+    def _consistent(self) -> LLMCompressorVariant:
         if self.entrypoint == "model_free" and self.needs_calibration():
             raise ValueError("entrypoint model_free takes data-free round-to-nearest variants only (no calibration)")
         if self.group_size is not None and self.scheme not in GROUP_SIZE_SCHEMES:
@@ -480,7 +480,7 @@ def _threads_for(variant, device: str):
 
 
 def _version(dist: str) -> str:
-    from pipeline.plan.stage import tool_version
+    from pipeline.toolchains import tool_version
 
     return tool_version(dist)
 

@@ -104,7 +104,7 @@ class TRTEngineBuild(Strict):
     max_num_tokens: int = Field(8192, ge=1, le=1_048_576)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TRTEngineBuild":
+    def _consistent(self) -> TRTEngineBuild:
         if compute_capability(self.gpu) is None:
             raise ValueError(f"unknown GPU {self.gpu!r}; known: {', '.join(GPU_COMPUTE_CAPABILITY)}")
         object.__setattr__(self, "gpu", normalise_gpu(self.gpu))
@@ -141,7 +141,7 @@ class ModelOptVariant(VariantBase):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ModelOptVariant":
+    def _consistent(self) -> ModelOptVariant:
         if self.qformat != "int4_awq" and (self.awq_block_size is not None or self.awq_alpha_step is not None):
             raise ValueError("awq_block_size and awq_alpha_step apply to qformat int4_awq")
         profiles = [e.profile for e in self.engines]
@@ -346,7 +346,7 @@ def _import_modelopt():
 
 
 def _version() -> str:
-    from pipeline.plan.stage import tool_version
+    from pipeline.toolchains import tool_version
 
     return tool_version("nvidia-modelopt")
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pipeline.files import atomic_write
 from pipeline.hashing import digest_json

@@ -25,9 +25,10 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.errors import CacheEntryCorrupt
 from pipeline.files import atomic_write

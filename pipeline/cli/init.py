@@ -38,7 +38,7 @@ def init(
     target GPUs allow, the demo's gates, eval and calibration settings; it passes `validate`.
 
     Offline (HF_HUB_OFFLINE=1) a Hub model's config is read from the local Hub cache."""
-    from pipeline.recipe.starter import write_starter
+    from pipeline.starter import write_starter
 
     written = write_starter(model, output, engines=engines, gpus=gpu, force=force, name=name, revision=revision,
                             eval_text=eval_text, calibration_text=calibration_text)

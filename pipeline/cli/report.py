@@ -73,7 +73,7 @@ def report(
     rep = build_report(open_storage(url), model, targets, gpus)
     written = write_report(rep, out or Path("reports") / model / "tradeoff")
     typer.echo(f"report of {len(rep.rows)} variant(s) of {model}:")
-    for name, path in written.items():
+    for path in written.values():
         typer.echo(f"  {path}")
     for r in rep.recommendations:
         typer.echo(f"  {r.target.label}: {r.variant or 'none'}")

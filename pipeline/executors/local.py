@@ -6,8 +6,8 @@ from __future__ import annotations
 from pipeline.cache.durations import Durations
 from pipeline.cache.store import CacheStore
 from pipeline.executors.scheduler import Outcome, Progress, Report, run_stage, schedule
-from pipeline.plan.stage import Stage
 from pipeline.progress import PlannedStage
+from pipeline.stages.base import Stage
 from pipeline.stages.context import RunContext, StageInput
 from pipeline.stages.status import Status
 

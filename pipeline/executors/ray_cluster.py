@@ -27,16 +27,22 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.backends import distributions
 from pipeline.cache.store import CacheStore
 from pipeline.errors import ClusterError, Interrupted, ModelbuildError, StageError
 from pipeline.executors.scheduler import Outcome, Progress, Report, run_stage, schedule
-from pipeline.plan.stage import Stage
+from pipeline.stages.base import Stage
 from pipeline.stages.context import RunContext, StageInput
 from pipeline.stages.status import Status
 
-# Packages whose versions shape outputs or the stage code: every node must match the driver.
-CHECKED_PACKAGES = ("modelbuild", "ray", "torch", "transformers", "safetensors", "llmcompressor", "compressed-tensors",
-                    "nvidia-modelopt", "llama_cpp_python", "numpy")
+# Packages whose versions shape outputs or the stage code, every node matching the driver's:
+# modelbuild's own and its core libraries, then every catalogued backend's distributions.
+CORE_PACKAGES = ("modelbuild", "ray", "torch", "transformers", "safetensors", "numpy")
+
+
+def checked_packages() -> tuple[str, ...]:
+    backends = tuple(dist for _module, dist in distributions())
+    return tuple(dict.fromkeys(CORE_PACKAGES + backends))
 MAX_RETRIES = 2
 
 
@@ -120,7 +126,7 @@ def connect(address: str) -> None:
 
 def local_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": ".".join(map(str, sys.version_info[:3]))}
-    for name in CHECKED_PACKAGES:
+    for name in checked_packages():
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

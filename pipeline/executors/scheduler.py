@@ -19,8 +19,8 @@ from typing import Any, Protocol
 from pipeline.cache.store import CacheStore, Entry
 from pipeline.errors import Interrupted, ModelbuildError, StageError, StageSkipped
 from pipeline.hardware import missing
-from pipeline.plan.stage import Stage
 from pipeline.stages import runner
+from pipeline.stages.base import Stage
 from pipeline.stages.context import RunContext, StageInput
 from pipeline.stages.status import Status
 

@@ -34,7 +34,6 @@ from pipeline.errors import (
 from pipeline.hardware import check_parallelism, compute_capability
 from pipeline.hashing import digest_json, sha256_file
 from pipeline.plan.gguf import gguf_stages
-from pipeline.plan.stage import Hints, Stage, tool_version
 from pipeline.plan.trtllm import trtllm_stages
 from pipeline.plan.variant_stages import EVAL_TOOLS, Planning, standard_stages
 from pipeline.quality.calibration import calibration_digest
@@ -42,6 +41,8 @@ from pipeline.quality.corpus import check_eval_tokens, read_text
 from pipeline.recipe.load import LoadedRecipe
 from pipeline.sources import ResolvedSource
 from pipeline.stages import VERSIONS
+from pipeline.stages.base import Hints, Stage
+from pipeline.toolchains import tool_version
 
 # A backend's ``chain`` -> the planner of its variants' stages (backend, variant, planning -> stages).
 CHAINS = {"standard": standard_stages, "gguf": gguf_stages, "trtllm": trtllm_stages}

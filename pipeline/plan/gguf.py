@@ -17,25 +17,13 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from pipeline.plan.stage import Stage
 from pipeline.plan.variant_stages import Planning, publish_params
+from pipeline.sources.tokenizer_check import AWKWARD_STRINGS
 from pipeline.stages import VERSIONS
+from pipeline.stages.base import Stage
 
 TOOLS = ("llama.cpp",)
 CONVERT_TOOLS = ("llama.cpp", "transformers", "torch")
-# Strings every tokenizer check covers beside the eval text: whitespace runs, unicode, digits,
-# special tokens, byte sequences that are not valid words.
-AWKWARD_STRINGS = (
-    "Hello  world\t\ttabs\n\n\nnewlines\r\n",
-    "   leading spaces", "trailing spaces   ", " ", "\n",
-    "naïve café Ünïcödé ß ﬁ 日本語 中文 한국어 Ελληνικά русский العربية עברית",
-    "emoji 🙂👍🏽 🇫🇷 ZWJ 👩‍👩‍👧",
-    "1234567890 3.14159 1,000,000 0x1F 2026-11-28",
-    "don't won't I'm you're we've they'll she'd",
-    "\u00a0nbsp\u200bzero-width\u2028line-sep",
-    "x" * 64, "!!!???...,,,;;;",
-    "def f(x):\n    return x ** 2  # code\n",
-)
 
 
 def gguf_stages(backend, variant, planning: Planning) -> list[Stage]:

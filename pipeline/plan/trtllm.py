@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from pipeline.errors import RecipeError
 from pipeline.hardware import compute_capability, sm_name
-from pipeline.plan.stage import Hints, Stage
 from pipeline.plan.variant_stages import Planning, standard_stages
 from pipeline.stages import VERSIONS
+from pipeline.stages.base import Hints, Stage
 
 
 def trtllm_stages(backend, variant, planning: Planning) -> list[Stage]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.plan.stage import Hints, Stage
 from pipeline.stages import VERSIONS
+from pipeline.stages.base import Hints, Stage
 
 EVAL_TOOLS = ("torch", "transformers")
 

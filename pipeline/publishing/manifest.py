@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline import __version__
 
 if TYPE_CHECKING:
-    from pipeline.plan.stage import Stage
     from pipeline.stages import publish
+    from pipeline.stages.base import Stage
     from pipeline.stages.context import RunContext
 
 MANIFEST_VERSION = 1

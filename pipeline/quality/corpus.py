@@ -73,7 +73,7 @@ def check_eval_tokens(recipe, checkpoint: Path | None, *, identity: dict, corpus
     if checkpoint is None:
         return
     from pipeline.hashing import digest_json
-    from pipeline.plan.stage import tool_version
+    from pipeline.toolchains import tool_version
 
     ev = recipe.eval
     token = digest_json({"check": "eval_tokens", "source": identity, "corpus": corpus_sha256, "tokens": ev.tokens,

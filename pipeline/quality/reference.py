@@ -12,8 +12,9 @@ Files in the baseline stage's cache entry:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.quality import metrics
 from pipeline.quality.runner import torch_forward, window_logprobs

@@ -1,8 +1,38 @@
-"""Forward passes over token windows, yielding next-token log-probabilities per window."""
+"""The device stages compute on (``--device`` checked up front), and forward passes over token
+windows yielding next-token log-probabilities per window."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+
+from pipeline.errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(requested: str) -> str:
+    """``--device`` checked before any stage runs (a stage would fail only after the fetch, with
+    torch's own text); returns it normalised (``cuda`` or ``cuda:N`` for a GPU).
+
+    Raises:
+        InputError: an unknown device, or a CUDA device this machine's torch cannot use.
+    """
+    device = requested.strip().lower()
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise InputError(f"unknown device {requested!r}", where="--device", fix="use auto, cpu, cuda or cuda:N")
+    if kind != "cuda":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise InputError(f"--device {device} but {why} (torch {torch.__version__})", where="--device",
+                         fix="use --device cpu or auto, or run on a machine with an NVIDIA GPU and a CUDA build of torch")
+    if index and int(index) >= torch.cuda.device_count():
+        raise InputError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA GPU(s)",
+                         where="--device", fix="choose an index below that")
+    return device
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -17,7 +17,7 @@ class Gate(BaseModel):
     max_p99_kld: float | None = Field(None, ge=0.0, le=100.0, description="99th percentile per-token KLD")
     min_top1: float | None = Field(None, ge=0.0, le=1.0, description="share of tokens with the same argmax")
 
-    def merged(self, override: "Gate | None") -> "Gate":
+    def merged(self, override: Gate | None) -> Gate:
         if override is None:
             return self
         return Gate(**{**self.model_dump(), **override.model_dump(exclude_none=True)})

@@ -10,7 +10,7 @@ the validation context (``{"base_dir": Path}``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -99,7 +99,7 @@ class GGUFSource(_SourceCommon):
     _resolve_path = field_validator("path")(_resolve)
 
     @model_validator(mode="after")
-    def _one_location(self) -> "GGUFSource":
+    def _one_location(self) -> GGUFSource:
         if (self.path is None) == (self.package is None):
             raise ValueError("give either 'path' or 'package' (with 'file'), not both or neither")
         if self.package is not None and not self.file:
@@ -107,7 +107,7 @@ class GGUFSource(_SourceCommon):
         return self
 
 
-Source = Annotated[Union[HubSource, LocalSource, GGUFSource], Field(discriminator="kind")]
+Source = Annotated[HubSource | LocalSource | GGUFSource, Field(discriminator="kind")]
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ class Calibration(Strict):
     _resolve_path = field_validator("path")(_resolve)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "Calibration":
+    def _one_source(self) -> Calibration:
         if (self.path is None) == (self.dataset is None):
             raise ValueError("give either 'path' (a text file) or 'dataset' (a Hugging Face dataset)")
         return self
@@ -303,7 +303,7 @@ class ReportTarget(Strict):
         return normalise_gpu(value)
 
     @model_validator(mode="after")
-    def _engine_runs_there(self) -> "ReportTarget":
+    def _engine_runs_there(self) -> ReportTarget:
         if self.gpu == "cpu" and self.engine not in engines.CPU_IDS:
             raise ValueError(f"{self.engine} does not run on a CPU; only {', '.join(engines.CPU_IDS)} does")
         return self
@@ -333,7 +333,7 @@ class Recipe(Strict):
     report: ReportSettings = Field(ReportSettings(), description="what `modelbuild report` recommends")
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Recipe":
+    def _cross_checks(self) -> Recipe:
         names = [v.name for v in self.variants]
         if self.watch.any() and self.source.kind != "hub":
             raise ValueError("watch rules (tags, new_repos) need a Hub source (source.kind: hub)")

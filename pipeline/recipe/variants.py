@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pydantic_core import core_schema
@@ -77,7 +77,7 @@ def _classes(entries: tuple[tuple[str, str], ...]) -> tuple[type[VariantBase], .
 def _adapter(classes: tuple[type[VariantBase], ...]) -> TypeAdapter:
     if len(classes) == 1:
         return TypeAdapter(classes[0])
-    return TypeAdapter(Annotated[Union[classes], Field(discriminator="backend")])
+    return TypeAdapter(Annotated[classes, Field(discriminator="backend")])
 
 
 class Variant:

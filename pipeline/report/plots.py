@@ -7,7 +7,7 @@ filled. Mean KLD is on a log axis when every value is positive (variants span 1e
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.report.pareto import frontier
 

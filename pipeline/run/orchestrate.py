@@ -104,7 +104,7 @@ def run(prepared: Prepared, *, device: str, reporter: Reporter, locked: bool = F
     ``executor``: a name in ``EXECUTORS``; ``address``: the Ray cluster's, when it is ``ray``."""
     chosen = EXECUTORS[executor]
     if chosen.checks_device:
-        from pipeline.hardware import check_device
+        from pipeline.quality.runner import check_device
 
         device = check_device(device)
     if locked:

@@ -149,7 +149,7 @@ def _markdown(summary: dict[str, Any]) -> str:
         m = row.get("metrics") or {}
         size = f"{row['size_bytes'] / 1e6:.1f}" if row.get("size_bytes") else "–"
 
-        def fmt(key: str, spec: str) -> str:
+        def fmt(key: str, spec: str, m: dict = m) -> str:
             return format(m[key], spec) if isinstance(m.get(key), (int, float)) else "–"
 
         lines.append(f"| {row['variant']} | {icons[row['status']]} | {size} | {fmt('ppl_ratio', '.4f')} | "

@@ -21,7 +21,7 @@ from pipeline.sources import tokenizer_check
 from pipeline.stages.context import StageInput
 
 if TYPE_CHECKING:
-    from pipeline.plan.stage import Stage
+    from pipeline.stages.base import Stage
     from pipeline.stages.context import RunContext
 
 # The granularity check reads this much of the eval text: thousands of tokens, a stable ratio.

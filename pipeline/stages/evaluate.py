@@ -18,7 +18,7 @@ from pipeline.quality.runner import window_logprobs
 from pipeline.stages.context import StageInput
 
 if TYPE_CHECKING:
-    from pipeline.plan.stage import Stage
+    from pipeline.stages.base import Stage
     from pipeline.stages.context import RunContext
 
 

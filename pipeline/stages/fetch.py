@@ -12,7 +12,7 @@ from pipeline.sources import tokenizer_check
 from pipeline.sources.checkpoint import inspect_checkpoint
 
 if TYPE_CHECKING:
-    from pipeline.plan.stage import Stage
+    from pipeline.stages.base import Stage
     from pipeline.stages.context import RunContext
 
 

@@ -13,7 +13,7 @@ from pipeline.stages.context import StageInput
 from pipeline.toolchains import gguf_reader, llamacpp_tools
 
 if TYPE_CHECKING:
-    from pipeline.plan.stage import Stage
+    from pipeline.stages.base import Stage
     from pipeline.stages.context import RunContext
 
 

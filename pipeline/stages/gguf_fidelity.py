@@ -24,7 +24,7 @@ from pipeline.stages.context import StageInput
 from pipeline.toolchains import gguf_reader
 
 if TYPE_CHECKING:
-    from pipeline.plan.stage import Stage
+    from pipeline.stages.base import Stage
     from pipeline.stages.context import RunContext
 
 

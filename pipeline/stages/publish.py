@@ -12,7 +12,7 @@ from pipeline.stages.context import StageInput
 from pipeline.storage.publish import publish_variant
 
 if TYPE_CHECKING:
-    from pipeline.plan.stage import Stage
+    from pipeline.stages.base import Stage
     from pipeline.stages.context import RunContext
 
 

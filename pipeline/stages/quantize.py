@@ -12,7 +12,7 @@ from pipeline.quality.calibration import calibration_samples
 from pipeline.stages.context import StageInput
 
 if TYPE_CHECKING:
-    from pipeline.plan.stage import Stage
+    from pipeline.stages.base import Stage
     from pipeline.stages.context import RunContext
 
 

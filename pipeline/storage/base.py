@@ -18,8 +18,9 @@ Two operations carry the safety guarantees and differ per backend:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 Records = list[dict[str, Any]]
 

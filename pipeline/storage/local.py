@@ -17,8 +17,9 @@ import fcntl
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 

@@ -16,7 +16,8 @@ import json
 import random
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pipeline.errors import IntegrityError, StorageError
 from pipeline.files import MANIFEST

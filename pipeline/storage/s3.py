@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from pipeline.errors import StorageError, ToolError
 from pipeline.files import MANIFEST

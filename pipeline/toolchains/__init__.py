@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import subprocess
 from collections.abc import Callable
+from importlib import metadata
 
 from pipeline.toolchains import llamacpp
 
@@ -32,3 +33,14 @@ VERSIONS: dict[str, Callable[[], str]] = {
     "tensorrt_llm": lambda: _trtllm_env_version("tensorrt_llm"),
     "tensorrt": lambda: _trtllm_env_version("tensorrt"),
 }
+
+
+def tool_version(distribution: str) -> str:
+    """Installed version of a distribution, from its metadata (nothing is imported), or of a
+    tool above (``VERSIONS``): what enters a stage's key for each name in ``Stage.tools``."""
+    if distribution in VERSIONS:
+        return VERSIONS[distribution]()
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not-installed"

@@ -17,8 +17,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline import progress
 from pipeline.errors import StageError, ToolError

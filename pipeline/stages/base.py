@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 from pipeline.hashing import digest_json
@@ -82,16 +81,3 @@ class Stage:
                 "inputs": {i: input_keys[i] for i in self.inputs},
             }
         )
-
-
-def tool_version(distribution: str) -> str:
-    """Installed version of a distribution, from its metadata (nothing is imported), or of a
-    built toolchain (``pipeline.toolchains``)."""
-    from pipeline.toolchains import VERSIONS
-
-    if distribution in VERSIONS:
-        return VERSIONS[distribution]()
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "not-installed"

@@ -2,8 +2,8 @@
 
 The model's shapes come from its ``config.json`` (read as JSON: a Hub model's from the local Hub
 cache, downloading that one file when online) or from a GGUF file's header and tensor list (the
-``gguf`` reader), never from a transformers model class: like the rest of ``pipeline.recipe``,
-this module imports no torch.
+``gguf`` reader), never from a transformers model class: ``modelbuild init`` imports no torch.
+It sits above the recipe package (it reads sources and asks the backends), beside ``pipeline.run``.
 
 What is chosen, per engine, is what the planner and the backends would accept for this model:
 
@@ -305,7 +305,7 @@ def _gguf_file(path: Path, recipe_dir: Path) -> Model:
         source["base_model"] = base_model
     else:
         commented.append("base_model: <owner/name>  # the Hub id these weights are (model cards' base_model)")
-    stem = re.sub(r"[.-](%s)$" % "|".join(map(re.escape, _gguf_type_names())), "", path.stem, flags=re.I)
+    stem = re.sub(rf"[.-]({'|'.join(map(re.escape, _gguf_type_names()))})$", "", path.stem, flags=re.I)
     return Model(source=source, label=f"the GGUF file {path.name}" + (f" (package {package})" if package else ""),
                  name=slug(stem), shapes=shapes, notes=tuple(notes), commented=tuple(commented))
 
