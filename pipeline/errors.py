@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 # user:password@ in any URL, and the values of secret-looking environment variables.
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@:]*(?::[^/\s@]*)?@")
@@ -52,6 +53,9 @@ class ModelbuildError(Exception):
     """
 
     exit_code = 1
+    # The run's outcomes up to the failure (an ``executors.scheduler.Report``), attached by the
+    # executor that raised it so the run's reports stay truthful; None when no run was under way.
+    report: Any = None
 
     def __init__(self, message: str, *, where: str | None = None, fix: str | None = None):
         self.message = message

@@ -50,6 +50,20 @@ def compute_capability(name: str) -> float | None:
     return GPU_COMPUTE_CAPABILITY.get(normalise_gpu(name))
 
 
+def known_gpu(name: str, *, cpu: bool = False) -> str:
+    """A recipe's GPU name, normalised (``h100`` → ``H100``); ``cpu`` too when ``cpu``.
+
+    Raises:
+        ValueError: not a GPU of the table (the recipe schema turns it into one line with the field).
+    """
+    if cpu and name.lower() == "cpu":
+        return "cpu"
+    if compute_capability(name) is None:
+        known = ("cpu, " if cpu else "") + ", ".join(GPU_COMPUTE_CAPABILITY)
+        raise ValueError(f"unknown GPU {name!r}; known: {known}")
+    return normalise_gpu(name)
+
+
 def check_parallelism(tp: int, pp: int, config) -> str | None:
     """Why a model cannot be split ``tp`` x ``pp`` ways (None when it can).
 

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from rich.console import Console
 from rich.markup import escape
@@ -116,6 +117,19 @@ class _Run:
             return planned.estimate
         seen = self.learned.get(planned.kind or "")
         return sorted(seen)[len(seen) // 2] if seen else None
+
+
+class RunReporter(Protocol):
+    """What a run uses of its reporter (``RunContext.reporter``): a ``Reporter``, or a silent
+    stand-in where another process prints the run's lines (stages on remote Ray nodes)."""
+
+    def run(self, plan: Sequence[PlannedStage]) -> contextlib.AbstractContextManager[object]: ...
+
+    def stage(self, index: int, total: int, stage_id: str, status: str, seconds: float | None = None) -> None: ...
+
+    def warn(self, message: str) -> None: ...
+
+    def steps(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[..., None]]: ...
 
 
 class Reporter:

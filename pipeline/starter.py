@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import engines as catalogue
-from pipeline.errors import DataError, InputError, SourceError, ToolError
+from pipeline.errors import DataError, InputError, ModelbuildError, SourceError, ToolError
 from pipeline.hardware import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
 from pipeline.recipe.schema import SLUG
 
@@ -243,7 +243,8 @@ def shapes_from_config(config: dict[str, Any], where: str) -> Shapes:
     Raises:
         SourceError: the config has no hidden size or layer count (not a causal language model).
     """
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text_config = config.get("text_config")
+    text: dict[str, Any] = text_config if isinstance(text_config, dict) else config
     arch = (config.get("architectures") or [config.get("model_type") or "unknown architecture"])[0]
     hidden = _pick(text, "hidden_size", "n_embd", "d_model")
     layers = _pick(text, "num_hidden_layers", "n_layer", "num_layers")
@@ -426,7 +427,10 @@ def _needs(variant: dict[str, Any], engine: str) -> str:
     """The GPUs ``engine`` runs the variant's format on, in words (the backend's own table)."""
     from pipeline.backends import get_backend
 
-    low, high = get_backend(variant["backend"]).describe(_model(variant)).gpus[engine]
+    info = get_backend(variant["backend"]).describe(_model(variant))
+    if info.gpus is None:  # never: FormatInfo.__post_init__ fills in every engine's range
+        raise ModelbuildError(f"backend {variant['backend']} describes no GPU ranges")
+    low, high = info.gpus[engine]
     return f"compute capability {low:g}+" if high is None else f"compute capability {low:g} to below {high:g}"
 
 
@@ -475,7 +479,7 @@ def choose(shapes: Shapes, engines: tuple[str, ...], gpus: dict[str, float]) -> 
                    "FP8 weights and activations, static per-tensor scales (calibrated)")
         gpu_format("trtllm", "modelopt-nvfp4", {"backend": "modelopt", "qformat": "nvfp4"},
                    "NVFP4 weights and activations (calibrated global scales)", fp4_problem)
-        awq = {"backend": "modelopt", "qformat": "int4_awq"}
+        awq: dict[str, Any] = {"backend": "modelopt", "qformat": "int4_awq"}
         if block and block != AWQ_DEFAULT_BLOCK:
             awq["awq_block_size"] = block
         gpu_format("trtllm", "modelopt-int4-awq", awq, f"INT4 weights per block of {block}, AWQ-lite (calibrated)",
@@ -566,7 +570,7 @@ def _comment_lines(text: str, indent: str = "", width: int = 100) -> list[str]:
 
 def default_data_dir() -> Path:
     """The WikiText-2 text shipped in the repository (evals/data/wikitext-2)."""
-    return Path(__file__).resolve().parents[2] / "evals" / "data" / "wikitext-2"
+    return Path(__file__).resolve().parents[1] / "evals" / "data" / "wikitext-2"
 
 
 def render(model: Model, name: str, choices: list[Choice], gpus: dict[str, float], engines: tuple[str, ...],

@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from pipeline.backends.base import FormatInfo, Quantizer
 from pipeline.backends.shapes import config_dtype, linear_input_widths, meta_model
 from pipeline.errors import RecipeError, StageError
-from pipeline.hardware import GPU_COMPUTE_CAPABILITY, check_parallelism, compute_capability, normalise_gpu
+from pipeline.hardware import check_parallelism, compute_capability, known_gpu
 from pipeline.recipe.variants import Strict, VariantBase
 
 # Engines, in modelbuild's names: "trtllm" is TensorRT-LLM's default (PyTorch) backend, served by
@@ -105,9 +105,7 @@ class TRTEngineBuild(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> TRTEngineBuild:
-        if compute_capability(self.gpu) is None:
-            raise ValueError(f"unknown GPU {self.gpu!r}; known: {', '.join(GPU_COMPUTE_CAPABILITY)}")
-        object.__setattr__(self, "gpu", normalise_gpu(self.gpu))
+        object.__setattr__(self, "gpu", known_gpu(self.gpu))
         if self.max_input_len > self.max_seq_len:
             raise ValueError("max_input_len cannot exceed max_seq_len")
         return self
@@ -115,7 +113,10 @@ class TRTEngineBuild(Strict):
     @property
     def profile(self) -> str:
         """``sm90-tp1-pp1-b8-s2048``: what makes one engine differ from another."""
-        sm = f"sm{int(round(compute_capability(self.gpu) * 10))}"
+        cc = compute_capability(self.gpu)
+        if cc is None:  # _consistent takes known GPUs only
+            raise RecipeError(f"unknown GPU {self.gpu!r} for a TensorRT-LLM engine", field="engines")
+        sm = f"sm{int(round(cc * 10))}"
         return f"{sm}-tp{self.tp}-pp{self.pp}-b{self.max_batch_size}-s{self.max_seq_len}"
 
 
@@ -212,7 +213,10 @@ class ModelOptBackend(Quantizer):
             raise RecipeError(f"kv_cache_qformat {variant.kv_cache_qformat} is not in the installed ModelOpt "
                               f"{_version()}", field="kv_cache_qformat", fix="use kv_cache_qformat: none")
         for i, spec in enumerate(variant.engines):
-            if not self.runs_on(variant, compute_capability(spec.gpu), "trtllm-engine"):
+            cc = compute_capability(spec.gpu)
+            if cc is None:  # the schema takes known GPUs only
+                raise RecipeError(f"unknown GPU {spec.gpu!r} for an engine", field=f"engines.{i}.gpu")
+            if not self.runs_on(variant, cc, "trtllm-engine"):
                 raise RecipeError(f"a TensorRT-LLM engine for {spec.gpu} cannot run {QFORMATS[variant.qformat]['algo']} "
                                   f"(needs {self.gpu_requirement(variant)})", field=f"engines.{i}.gpu",
                                   fix="build the engine for a GPU that runs this format")

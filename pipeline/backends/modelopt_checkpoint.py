@@ -149,7 +149,8 @@ def activation_spec(algo: str | None, input_scale) -> str | None:
         return "fp8_per_token"
     if input_scale is None:
         return None
-    return {"FP8": "fp8_static", "NVFP4": "nvfp4", "W8A8_SQ_PER_CHANNEL": "int8_static"}.get(algo) or _unknown(algo)
+    spec = None if algo is None else {"FP8": "fp8_static", "NVFP4": "nvfp4", "W8A8_SQ_PER_CHANNEL": "int8_static"}.get(algo)
+    return spec or _unknown(algo)
 
 
 def _unknown(algo):

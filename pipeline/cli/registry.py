@@ -184,7 +184,7 @@ def promote(
     store = _open(storage)
     parsed = parse_ref(ref)
     version, _manifest, _raw = resolve(store, parsed)
-    move_channel(store, parsed.model, parsed.variant, check_name(channel, "channel"), version)
+    move_channel(store, parsed.model, parsed.variant_name(), check_name(channel, "channel"), version)
     typer.echo(f"{parsed.model}/{parsed.variant}@{channel} → {version}")
 
 

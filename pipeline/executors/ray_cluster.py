@@ -18,11 +18,13 @@ on its own (bad input, a tool error) is not retried: its error is the run's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from pipeline.backends import distributions
 from pipeline.cache.store import CacheStore
 from pipeline.errors import ClusterError, Interrupted, ModelbuildError, StageError
 from pipeline.executors.scheduler import Outcome, Progress, Report, run_stage, schedule
+from pipeline.progress import PlannedStage
 from pipeline.stages.base import Stage
 from pipeline.stages.context import RunContext, StageInput
 from pipeline.stages.status import Status
@@ -183,7 +186,11 @@ def check_nodes(cache_root: Path) -> list[dict[str, Any]]:
 
 
 class _Quiet:
-    """A reporter for stages on remote nodes (the driver prints the stage lines)."""
+    """A reporter for stages on remote nodes (the driver prints the stage lines): a
+    ``progress.RunReporter`` that prints nothing."""
+
+    def run(self, plan: Sequence[PlannedStage]) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext(self)  # the driver's reporter spans the run
 
     def stage(self, *a, **k) -> None:
         pass
@@ -191,9 +198,7 @@ class _Quiet:
     def warn(self, message: str) -> None:
         pass
 
-    def steps(self, description: str, total: int):
-        import contextlib
-
+    def steps(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[..., None]]:
         return contextlib.nullcontext(lambda n=1: None)
 
 

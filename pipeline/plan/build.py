@@ -163,7 +163,12 @@ def _check_targets(recipe, loaded) -> None:
     """Every variant must run on at least one declared target GPU (in at least one engine)."""
     if not recipe.targets:
         return
-    gpus = {t.gpu: compute_capability(t.gpu) for t in recipe.targets}
+    gpus: dict[str, float] = {}
+    for j, target in enumerate(recipe.targets):
+        cc = compute_capability(target.gpu)
+        if cc is None:  # the schema takes known GPUs only
+            raise loaded.error(f"unknown GPU {target.gpu!r}", ("targets", j, "gpu"))
+        gpus[target.gpu] = cc
     for i, variant in enumerate(recipe.variants):
         backend = get_backend(variant.backend)
         if not any(backend.runs_on(variant, cc) for cc in gpus.values()):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from pipeline.errors import RecipeError
 from pipeline.plan.variant_stages import Planning, publish_params
 from pipeline.sources.tokenizer_check import AWKWARD_STRINGS
 from pipeline.stages import VERSIONS
@@ -52,6 +53,9 @@ def gguf_stages(backend, variant, planning: Planning) -> list[Stage]:
     ))
     quantize_inputs = {"conversion": base.id}
     if variant.uses_imatrix():
+        if calibration is None:  # never: a llamacpp variant needs calibration exactly when it uses an imatrix
+            raise RecipeError(f"variant {variant.name} uses an importance matrix but has no calibration",
+                              field="calibration")
         digest = hashlib.sha256(repr(sorted(calibration.items())).encode()).hexdigest()[:8]
         imatrix = add(Stage.wired(
             id=f"gguf/imatrix-{digest}",

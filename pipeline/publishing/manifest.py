@@ -10,19 +10,35 @@ gate, and how to serve them. ``pipeline.storage.manifest`` reads and checks it.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pipeline import __version__
 
 if TYPE_CHECKING:
-    from pipeline.stages import publish
     from pipeline.stages.base import Stage
-    from pipeline.stages.context import RunContext
+    from pipeline.stages.context import RunContext, StageInput
 
 MANIFEST_VERSION = 1
 
 
-def build_manifest(ctx: RunContext, stage: Stage, inputs: publish.Inputs) -> dict[str, Any]:
+class _Always(TypedDict):
+    checkpoint: StageInput  # the variant's files
+    evaluation: StageInput
+    gate: StageInput
+    baseline: StageInput
+    fetch: StageInput  # the source, for its provenance
+
+
+class PublishInputs(_Always, total=False):
+    """The publish stages' inputs by role, which the manifest is built from (declared here, the
+    stages take them: the manifest is this package's). Optional roles: see
+    ``pipeline.stages.gate.Inputs``."""
+
+    speed: StageInput  # GGUF
+    fidelity: StageInput  # GGUF
+
+
+def build_manifest(ctx: RunContext, stage: Stage, inputs: PublishInputs) -> dict[str, Any]:
     """Everything but ``files``, ``version`` and ``serve`` (publish fills those in), from the
     publish stage's inputs by role (``checkpoint``, ``evaluation``, ``gate``, ``baseline``,
     ``fetch``; ``speed`` and ``fidelity`` when planned)."""

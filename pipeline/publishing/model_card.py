@@ -27,7 +27,7 @@ def tags(manifest: dict[str, Any]) -> list[str]:
     fmt = manifest.get("format") or {}
     scheme = str(fmt.get("scheme") or "").lower()
     backend = (manifest.get("variant_spec") or {}).get("backend")
-    out = ["quantized", *BACKEND_TAGS.get(backend, [])]
+    out = ["quantized", *(BACKEND_TAGS.get(backend, []) if backend is not None else [])]
     words = [w for w in re.split(r"[^a-z0-9]+", scheme.replace("+", "_")) if w]
     if backend == "llamacpp":
         out.append(scheme)  # q4_k_m, iq4_xs, f16 …
@@ -81,10 +81,12 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
     data = manifest.get("data") or {}
     name = f"{manifest['model']} — {manifest['variant']}"
     engines = [_long_name(e) for e in fmt.get("engines", [])]
+    fmt_name = fmt.get("format")
+    fmt_long = FORMAT_NAMES.get(fmt_name, fmt_name) if fmt_name is not None else None
     lines = [
         "---", front_matter(manifest, base_model).rstrip(), "---", "",
         f"# {name}", "",
-        f"{FORMAT_NAMES.get(fmt.get('format'), fmt.get('format'))} **{fmt.get('scheme')}** ({_fmt(fmt.get('weight_bits'), 'g')}-bit weights) of "
+        f"{fmt_long} **{fmt.get('scheme')}** ({_fmt(fmt.get('weight_bits'), 'g')}-bit weights) of "
         + (f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "the source model")
         + f", for {', '.join(engines) or 'no serving engine'}. Built and gated by modelbuild; version "
         f"`{manifest.get('version')}`.", "",

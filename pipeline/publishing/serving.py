@@ -123,7 +123,8 @@ def llamacpp_profiles(backend, variant, fmt, targets) -> list[dict[str, Any]]:
     """``llama-server`` profiles: CPU, plus full GPU offload when the recipe declares GPU targets."""
     slug = _slug(variant.type)
     out = []
-    shapes = [("cpu", 2, None, [])] + ([("gpu", min(16, max(t.max_batch_size for t in targets)),
+    # (kind, slots, context length per slot or None for the model's, GPUs)
+    shapes: list[tuple[str, int, int | None, list[str]]] = [("cpu", 2, None, [])] + ([("gpu", min(16, max(t.max_batch_size for t in targets)),
                                         max((t.max_seq_len or 0) for t in targets) or None,
                                         [t.gpu for t in targets])] if targets else [])
     for kind, slots, seq_len, gpus in shapes:

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from pipeline import engines
-from pipeline.hardware import GPU_COMPUTE_CAPABILITY, compute_capability, normalise_gpu
+from pipeline.hardware import known_gpu
 from pipeline.recipe.gate import Gate
 from pipeline.recipe.variants import Variant
 
@@ -164,9 +164,7 @@ class GPUTarget(Strict):
     @field_validator("gpu")
     @classmethod
     def _known(cls, value: str) -> str:
-        if compute_capability(value) is None:
-            raise ValueError(f"unknown GPU {value!r}; known: {', '.join(GPU_COMPUTE_CAPABILITY)}")
-        return normalise_gpu(value)
+        return known_gpu(value)
 
 
 class Eval(Strict):
@@ -296,11 +294,7 @@ class ReportTarget(Strict):
     @field_validator("gpu")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value.lower() == "cpu":
-            return "cpu"
-        if compute_capability(value) is None:
-            raise ValueError(f"unknown GPU {value!r}; known: cpu, {', '.join(GPU_COMPUTE_CAPABILITY)}")
-        return normalise_gpu(value)
+        return known_gpu(value, cpu=True)
 
     @model_validator(mode="after")
     def _engine_runs_there(self) -> ReportTarget:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pydantic_core import core_schema
@@ -43,6 +43,9 @@ class CalibrationOverride(Strict):
 
 
 class VariantBase(Strict):
+    if TYPE_CHECKING:
+        # Each backend's model declares it as the Literal of its own name (the discriminator).
+        backend: str
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     # Per-variant gate overrides the recipe's eval.gate field by field.
     gate: Gate | None = None
@@ -77,21 +80,25 @@ def _classes(entries: tuple[tuple[str, str], ...]) -> tuple[type[VariantBase], .
 def _adapter(classes: tuple[type[VariantBase], ...]) -> TypeAdapter:
     if len(classes) == 1:
         return TypeAdapter(classes[0])
-    return TypeAdapter(Annotated[classes, Field(discriminator="backend")])
+    # Union of a tuple built at run time: no ``A | B`` spelling exists for that.
+    return TypeAdapter(Annotated[Union[classes], Field(discriminator="backend")])  # noqa: UP007
 
 
-class Variant:
-    """The recipe's variant field type: the catalogue's union, looked up when a recipe is
-    validated or its JSON schema written (not when this module is imported)."""
+if TYPE_CHECKING:
+    Variant = VariantBase  # what the type checker sees: every variant model derives from it
+else:
+    class Variant:
+        """The recipe's variant field type: the catalogue's union, looked up when a recipe is
+        validated or its JSON schema written (not when this module is imported)."""
 
-    @classmethod
-    def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> core_schema.CoreSchema:
-        def validate(value: Any, info: core_schema.ValidationInfo) -> VariantBase:
-            # The union's own errors (with their field paths) come through as they are.
-            return variant_adapter().validate_python(value, context=info.context)
+        @classmethod
+        def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> core_schema.CoreSchema:
+            def validate(value: Any, info: core_schema.ValidationInfo) -> VariantBase:
+                # The union's own errors (with their field paths) come through as they are.
+                return variant_adapter().validate_python(value, context=info.context)
 
-        return core_schema.with_info_plain_validator_function(validate)
+            return core_schema.with_info_plain_validator_function(validate)
 
-    @classmethod
-    def __get_pydantic_json_schema__(cls, _schema: Any, handler: Any) -> dict[str, Any]:
-        return handler(variant_adapter().core_schema)
+        @classmethod
+        def __get_pydantic_json_schema__(cls, _schema: Any, handler: Any) -> dict[str, Any]:
+            return handler(variant_adapter().core_schema)

@@ -35,7 +35,7 @@ class Row:
     gate_passed: bool | None
     min_compute_capability: float | None
     speed: dict[str, Any] | None = None  # {"pp_tps", "tg_tps", "pp_tokens", "tg_tokens", "hardware", "tool", "threads"}
-    speedup: dict[str, float] | None = None  # vs the unquantized model in the same engine: {"pp", "tg", "reference"}
+    speedup: dict[str, float | str] | None = None  # vs the unquantized model in the same engine: {"pp", "tg", "reference"}
     location: str = ""
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -132,7 +132,10 @@ def _add_speedups(rows: list[Row]) -> None:
         if not refs:
             continue
         ref = sorted(refs, key=lambda r: (r.scheme != "F16", r.variant))[0]
+        ref_speed = ref.speed
+        if ref_speed is None:  # never: refs were chosen among measured rows
+            continue
         row.speedup = {"reference": ref.variant}
         for k in ("pp", "tg"):
-            if row.speed.get(f"{k}_tps") and ref.speed.get(f"{k}_tps"):
-                row.speedup[k] = row.speed[f"{k}_tps"] / ref.speed[f"{k}_tps"]
+            if row.speed.get(f"{k}_tps") and ref_speed.get(f"{k}_tps"):
+                row.speedup[k] = row.speed[f"{k}_tps"] / ref_speed[f"{k}_tps"]

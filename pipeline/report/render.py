@@ -85,8 +85,9 @@ def quality(row: Row) -> str:
         parts.append(f"PPL ×{m['ppl_ratio']:.3f}")
     if m.get("mean_kld") is not None:
         parts.append(f"KLD {kld(m['mean_kld'])}")
-    if m.get("top1") is not None:
-        parts.append(f"top-1 {m['top1'] * 100:.1f}%")
+    top1 = m.get("top1")
+    if top1 is not None:
+        parts.append(f"top-1 {top1 * 100:.1f}%")
     return ", ".join(parts)
 
 
@@ -127,7 +128,7 @@ def detail_cells(row: Row) -> list[str]:
     m = row.metrics
     return [row.variant, engines(row), fmt_name(row), _num(row.weight_bits, "g"), size_gb(row),
             _num(m.get("ppl"), ".3f"), _num(m.get("ppl_ratio"), ".4f"), kld(m.get("mean_kld")),
-            kld(m.get("p99_kld")), _num(None if m.get("top1") is None else m["top1"] * 100, ".1f"),
+            kld(m.get("p99_kld")), _num(None if (top1 := m.get("top1")) is None else top1 * 100, ".1f"),
             speed_cell(row, "pp"), speed_cell(row, "tg"), hardware(row), gate(row), min_gpu(row)]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.cache.store import Entry
 from pipeline.errors import StageError
-from pipeline.progress import Reporter
+from pipeline.progress import RunReporter
 from pipeline.recipe.load import LoadedRecipe
 from pipeline.sources import ResolvedSource
 from pipeline.stages.status import Status
@@ -32,7 +32,7 @@ class RunContext:
     source: ResolvedSource
     storage_root: str
     requested_device: str
-    reporter: Reporter
+    reporter: RunReporter
     plan: Any
     _device: str | None = None
     _storage: Any = None

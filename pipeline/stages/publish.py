@@ -5,28 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict, cast
 
+from pipeline.publishing.manifest import PublishInputs as Inputs
 from pipeline.publishing.manifest import build_manifest
 from pipeline.publishing.model_card import model_card
 from pipeline.publishing.serving import profile_files
-from pipeline.stages.context import StageInput
 from pipeline.storage.publish import publish_variant
 
 if TYPE_CHECKING:
     from pipeline.stages.base import Stage
     from pipeline.stages.context import RunContext
-
-
-class _Always(TypedDict):
-    checkpoint: StageInput  # the variant's files
-    evaluation: StageInput
-    gate: StageInput
-    baseline: StageInput
-    fetch: StageInput  # the source, for its provenance
-
-
-class Inputs(_Always, total=False):  # optional roles (see ``pipeline.stages.gate.Inputs``)
-    speed: StageInput  # GGUF
-    fidelity: StageInput  # GGUF
 
 
 class _Status(TypedDict):

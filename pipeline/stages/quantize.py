@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from pipeline.backends import get_backend
+from pipeline.backends.base import Quantizer
+from pipeline.errors import StageError
 from pipeline.quality.calibration import calibration_samples
 from pipeline.stages.context import StageInput
 
@@ -31,6 +33,8 @@ class Result(TypedDict):
 def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     variant = ctx.variant(stage.variant)
     backend = get_backend(variant.backend)
+    if not isinstance(backend, Quantizer):  # the planner plans quantize stages for Quantizers only
+        raise StageError(f"backend {backend.name!r} does not quantize in the quantize stage", where=stage.id)
     checkpoint = inputs["checkpoint"].data
     samples = None
     settings = stage.params.get("calibration")

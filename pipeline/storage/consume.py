@@ -52,6 +52,9 @@ def _runs_on(entry: dict[str, Any], engine: engines.Engine, gpu: str) -> bool:
     if gpu.lower() == "cpu":
         return engine.cpu
     cc = compute_capability(gpu)
+    if cc is None:  # select refused unknown GPUs before filtering
+        raise StorageError(f"unknown GPU {gpu!r}", where="--gpu",
+                           fix=f"use cpu or one of: {', '.join(GPU_COMPUTE_CAPABILITY)}")
     low, high = engines.gpu_range(entry.get("gpus", {}), engine.id)
     return (low is None or cc >= low) and (high is None or cc < high)
 
@@ -127,7 +130,8 @@ def verify(storage: Storage, ref: Ref, *, against_index: bool = True) -> tuple[s
     """
     version, manifest, raw = resolve(storage, ref)
     rel = f"{ref.model}/{ref.variant}/{version}"
-    problems = [p for p in [against_index and index_problem(storage, ref.model, ref.variant, version, raw)] if p]
+    problems = [p for p in [against_index and index_problem(storage, ref.model, ref.variant_name(), version, raw)]
+                if p]
     local = storage.local_path(rel)
     if local is not None:
         problems += file_problems(local, manifest)
@@ -154,7 +158,7 @@ def pull(storage: Storage, ref: Ref, dest: Path, *, jobs: int = 8) -> dict[str, 
         IntegrityError: a file or the manifest does not match.
     """
     version, manifest, raw = resolve(storage, ref)
-    problem = index_problem(storage, ref.model, ref.variant, version, raw)
+    problem = index_problem(storage, ref.model, ref.variant_name(), version, raw)
     if problem:
         raise IntegrityError(problem, fix="the store was changed by hand: republish the variant "
                                           "(`modelbuild reindex` indexes only versions whose files match)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.errors import StorageError
 from pipeline.storage.location import check_name
 
 
@@ -13,6 +14,16 @@ class Ref:
     model: str
     variant: str | None = None
     at: str | None = None  # a version or a channel
+
+    def variant_name(self) -> str:
+        """The variant, for a reference that must name one.
+
+        Raises:
+            StorageError: the reference names only a model.
+        """
+        if self.variant is None:
+            raise StorageError(f"{self} names a model, not a variant", fix="write MODEL/VARIANT[@VERSION]")
+        return self.variant
 
     def __str__(self) -> str:
         text = self.model + (f"/{self.variant}" if self.variant else "")

@@ -306,10 +306,9 @@ def resolve(storage: Storage, ref: Ref) -> tuple[str, dict[str, Any], bytes]:
         StorageError: no such model/variant/version/channel (saying what exists), or a channel
             pointing at a version that was deleted.
     """
-    if ref.variant is None:
-        raise StorageError(f"{ref} names a model, not a variant", fix="write MODEL/VARIANT[@VERSION]")
-    base = f"{ref.model}/{ref.variant}"
-    known = versions(storage, ref.model, ref.variant)
+    variant = ref.variant_name()
+    base = f"{ref.model}/{variant}"
+    known = versions(storage, ref.model, variant)
     if not known:
         variants = storage.list_dir(ref.model)
         what = (f"variants of {ref.model}: {', '.join(variants)}" if variants else
@@ -319,7 +318,7 @@ def resolve(storage: Storage, ref: Ref) -> tuple[str, dict[str, Any], bytes]:
     if at in known:
         version = at
     else:
-        pointers = channels(storage, ref.model, ref.variant)
+        pointers = channels(storage, ref.model, variant)
         if at not in pointers:
             raise StorageError(f"{base} has no version or channel {at!r}",
                                fix=f"channels: {', '.join(sorted(pointers)) or 'none'}; versions: {', '.join(known)}")
