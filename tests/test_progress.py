@@ -14,7 +14,7 @@ from rich.console import Console
 
 from pipeline.cache.durations import INDEX, Durations
 from pipeline.progress import PlannedStage, Reporter, interval_from_env, steps
-from tests.test_llmcompressor_schemes import _recipe
+from tests.backends.test_llmcompressor import _recipe
 
 
 class FakeTimer:

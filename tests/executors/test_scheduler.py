@@ -205,7 +205,7 @@ def test_report_lists_the_first_stage_of_each_chain_not_built():
 
 
 def test_roles_and_variant_stay_out_of_the_key():
-    """The same digest as the pinned one (tests/test_cache.py) for a stage wired by role."""
+    """The same digest as the pinned one (tests/cache/test_store.py) for a stage wired by role."""
     tools = {"torch": "2.13.0", "llmcompressor": "0.13.0"}
     plain = Stage(id="quantize/x", kind="quantize", params={"scheme": "FP8_DYNAMIC", "ignore": ["lm_head"]},
                   inputs=("fetch",), tools=("torch", "llmcompressor"), version=1)
@@ -255,9 +255,9 @@ def test_every_planned_stage_gets_the_roles_its_runner_takes(tmp_path, tiny_mode
     """Each chain's planner wires every stage with its runner's roles and names its variant."""
     from pipeline.plan.build import build_plan
     from pipeline.recipe.load import load_recipe
+    from tests.backends.test_llamacpp import gguf_recipe
+    from tests.backends.test_modelopt import modelopt_recipe
     from tests.conftest import write_recipe
-    from tests.test_gguf import gguf_recipe
-    from tests.test_modelopt import modelopt_recipe
 
     recipe = {
         "standard": lambda: write_recipe(tmp_path, tiny_model, wikitext),

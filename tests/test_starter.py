@@ -13,7 +13,7 @@ import pytest
 from pipeline.recipe import load_recipe
 from pipeline.starter import CALIBRATION, DEMO_GATES, EVAL, EVAL_GATE, shapes_from_config, shapes_from_gguf
 from tests.conftest import REPO, one_line
-from tests.test_sources import populate_hub_cache
+from tests.sources.test_sources import populate_hub_cache
 
 DEMO = REPO / "recipes" / "smollm2-135m-instruct.yaml"
 

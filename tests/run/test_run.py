@@ -380,7 +380,7 @@ def test_a_run_catches_ctrl_c_unless_its_parent_ignores_it(recipe_factory, dirs,
 def test_hub_source_offline_writes_lock(recipe_factory, dirs, tiny_model, tmp_path):
     """The Hub path end to end, offline from a pre-populated cache: the branch is pinned to its
     commit in <recipe>.lock.json and the commit enters the manifest."""
-    from tests.test_sources import populate_hub_cache
+    from tests.sources.test_sources import populate_hub_cache
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     populate_hub_cache(tmp_path / "hub", "acme/tiny", tiny_model, commit)
@@ -500,7 +500,7 @@ def test_locked_run_refuses_what_changed_since_the_lock(cli, recipe_factory, tmp
 
 def test_locked_run_refuses_a_moved_upstream(recipe_factory, dirs, tiny_model, tmp_path):
     """A Hub branch that moved to a new commit since the lock: --locked refuses, naming both."""
-    from tests.test_sources import populate_hub_cache
+    from tests.sources.test_sources import populate_hub_cache
 
     old, new = "1" * 40, "2" * 40
     populate_hub_cache(tmp_path / "hub", "acme/tiny", tiny_model, old)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.backends.test_llamacpp import gguf_recipe
 from tests.conftest import REPO
-from tests.test_gguf import gguf_recipe
 
 VARIANTS = """\
     - name: fp8
@@ -122,7 +122,7 @@ def test_report_by_model_name_with_targets_from_the_command_line(built, tmp_path
 def test_no_speed_measured_means_no_speed_plot(tmp_path):
     """A store of GPU-only formats (nothing ran them here): the size plot, no speed plot, and the
     report says why."""
-    from tests.test_storage import _publish
+    from tests.storage.test_storage import _publish
 
     store = str(tmp_path / "store")
     _publish(store, tmp_path, "fp8", "a", kld=0.03, size=4000)

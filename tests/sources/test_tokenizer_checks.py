@@ -21,8 +21,8 @@ import pytest
 
 from pipeline.errors import SourceError
 from pipeline.sources import tokenizer_check
+from tests.backends.test_llamacpp import toolchain  # noqa: F401 - the fixture, shared
 from tests.conftest import WIKITEXT, write_recipe
-from tests.test_gguf import toolchain  # noqa: F401 - the fixture, shared
 
 
 def _error_line(err: str) -> str:

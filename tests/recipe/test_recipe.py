@@ -12,7 +12,7 @@ import pytest
 from pipeline.errors import RecipeError
 from pipeline.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)

@@ -106,7 +106,7 @@ def test_recipe_names_the_s3_endpoint(cli, recipe_factory, s3_endpoint, tmp_path
 def test_eight_concurrent_publishers_lose_no_entry(store_url, tmp_path):
     script = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]);"
-        "from tests.test_storage import _publish; _publish(sys.argv[1], Path(sys.argv[2]), sys.argv[4], sys.argv[5])"
+        "from tests.storage.test_storage import _publish; _publish(sys.argv[1], Path(sys.argv[2]), sys.argv[4], sys.argv[5])"
     )
     procs = [subprocess.Popen([sys.executable, "-c", script, store_url, str(tmp_path), str(REPO), f"v{i}", "0123456789abcdef"[i]],
                               cwd=REPO, env=dict(os.environ), stderr=subprocess.PIPE, text=True) for i in range(8)]
@@ -203,7 +203,7 @@ def test_pull_killed_midway_resumes_on_the_rerun(store_url, tmp_path):
     publish_variant(open_storage(store_url), model="m", variant="big", build_key="c" * 64, files_from=src,
                     manifest=_manifest())
     dest, marker = tmp_path / "dest", tmp_path / "hanging"
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.test_storage import _pull_and_hang;"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.storage.test_storage import _pull_and_hang;"
               "_pull_and_hang(*sys.argv[2:])")
     proc = subprocess.Popen([sys.executable, "-c", script, str(REPO), store_url, str(dest), str(marker)], cwd=REPO,
                             env=dict(os.environ), stderr=subprocess.PIPE, text=True)
@@ -324,7 +324,7 @@ def test_publisher_killed_at_its_commit_point_leaves_nothing_visible(store_url, 
     from pipeline.storage.registry import channels, versions
 
     store = open_storage(store_url)
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.test_storage import _publish_big;"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.storage.test_storage import _publish_big;"
               "_publish_big(sys.argv[2], sys.argv[3], 48, 2_000_000, hold=True)")
     log = tmp_path / "publisher.log"
     with open(log, "wb") as out:
@@ -459,7 +459,7 @@ def test_transient_errors_are_retried_then_reported(s3_store, s3_endpoint, tmp_p
     an endpoint that keeps failing is one clear line after the retries, nothing published."""
     proxy = _FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]), failures)
     script = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
-              "from tests.test_storage import _publish; _publish(sys.argv[2], Path(sys.argv[3]), 'v', 'a')")
+              "from tests.storage.test_storage import _publish; _publish(sys.argv[2], Path(sys.argv[3]), 'v', 'a')")
     try:
         env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
         done = subprocess.run([sys.executable, "-c", script, str(REPO), s3_store, str(tmp_path)], cwd=REPO, env=env,

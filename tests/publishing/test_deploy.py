@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_storage import _cli, _manifest, _variant_dir
+from tests.storage.test_storage import _cli, _manifest, _variant_dir
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +93,7 @@ def test_deploy_names_the_profiles_when_asked_for_a_missing_one(tmp_path):
     assert bad.returncode == 2 and "profiles: llamacpp-q4_k_m-cpu" in bad.stderr
 
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "example"
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "example"
 
 
 def test_committed_example_is_a_valid_deployment(compose_schema):

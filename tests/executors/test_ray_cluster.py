@@ -207,7 +207,7 @@ def test_unreachable_address_is_one_line(recipe_factory, dirs):
 def test_a_stage_no_node_can_take_is_reported_not_queued(cluster, tmp_path, tiny_model, wikitext, dirs):
     """A TensorRT-LLM engine for H100 needs gpu_sm90 and tensorrt_llm: no node advertises them, so
     the stage is reported as not built with the missing resources (exit 6) instead of waiting."""
-    from tests.test_modelopt import modelopt_recipe
+    from tests.backends.test_modelopt import modelopt_recipe
 
     recipe = modelopt_recipe(tmp_path, tiny_model, wikitext, """\
         - name: mo-fp8

@@ -116,7 +116,7 @@ def test_local_source_change_is_flagged_and_rebuilt(recipe_factory, tiny_model, 
 
 
 def test_hub_branch_moved_deleted_unreachable_or_offline(recipe_factory, tiny_model, dirs, tmp_path, hub):
-    from tests.test_sources import populate_hub_cache
+    from tests.sources.test_sources import populate_hub_cache
 
     old, new = "a" * 40, "b" * 40
     populate_hub_cache(tmp_path / "hub", "acme/tiny", tiny_model, old)
@@ -143,7 +143,7 @@ def test_hub_branch_moved_deleted_unreachable_or_offline(recipe_factory, tiny_mo
 def test_watch_rules_report_new_tags_and_repos_until_locked(recipe_factory, tiny_model, dirs, tmp_path, hub):
     """New upstream releases (a tag, a matching repo of the organisation) are reported, rebuild
     nothing, and stop being new once `lock` acknowledges them."""
-    from tests.test_sources import populate_hub_cache
+    from tests.sources.test_sources import populate_hub_cache
 
     commit = "c" * 40
     populate_hub_cache(tmp_path / "hub", "acme/tiny", tiny_model, commit)
@@ -191,7 +191,7 @@ def test_a_watch_rule_that_matches_nothing(recipe_factory, tiny_model, dirs, tmp
     """A rule whose author/pattern matches no repository is a mistake, not "nothing new": `lock`
     refuses it in one line, and `watch` (the repos renamed upstream after the lock) exits with its
     "could not check" code naming the rule."""
-    from tests.test_sources import populate_hub_cache
+    from tests.sources.test_sources import populate_hub_cache
 
     commit = "d" * 40
     populate_hub_cache(tmp_path / "hub", "acme/tiny", tiny_model, commit)
