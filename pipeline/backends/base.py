@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,12 +112,18 @@ class Backend(ABC):
         need = self.describe(variant).min_compute_capability
         return "no particular GPU" if need is None else f"compute capability {need:g}+"
 
-    def forward(self, model: Any):
-        """``ids [1, S] -> logits [S, vocab]`` for a model from ``load_for_eval`` (a transformers
-        causal LM unless the backend says otherwise)."""
-        from pipeline.quality.runner import torch_forward
+    def scores(self, path: Path, windows, device: str, scratch: Path) -> Iterator:
+        """Per window of ``windows``, ``(logprobs [S-1, vocab], next ids [S-1])`` of the variant
+        at ``path`` as its engine computes them. Default: the ``load_for_eval`` model, layer by
+        layer (``pipeline.quality.streamed``); a backend that can read its format a layer at a
+        time overrides this to keep memory at one layer.
 
-        return torch_forward(model)
+        Args:
+            scratch: an empty folder for offloaded weights and spilled hidden states.
+        """
+        from pipeline.quality.streamed import streamed_logprobs
+
+        yield from streamed_logprobs(self.load_for_eval(path, device), windows, device, scratch=scratch)
 
 
 class Quantizer(Backend):

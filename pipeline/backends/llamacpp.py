@@ -24,6 +24,7 @@ file-type table (``GGUF_TYPES``) it validates against. Not a ``Quantizer``: the 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,8 +155,16 @@ class LlamaCppBackend(Backend):
     def load_for_eval(self, path: Path, device: str) -> Any:
         return LlamaEval(gguf_file(path))
 
-    def forward(self, model: Any):
-        return model
+    def scores(self, path: Path, windows, device: str, scratch: Path) -> Iterator:
+        """llama.cpp itself, one window per decode (it maps the GGUF file: memory stays the
+        file's pages plus one context)."""
+        from pipeline.quality.runner import window_logprobs
+
+        engine = self.load_for_eval(path, device)
+        try:
+            yield from window_logprobs(engine, windows, device)
+        finally:
+            engine.close()
 
 
 class LlamaEval:

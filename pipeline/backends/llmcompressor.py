@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -296,40 +297,124 @@ class LLMCompressorBackend(Quantizer):
 
     def load_for_eval(self, path: Path, device: str) -> Any:
         import torch
-        from compressed_tensors.quantization import fake_quantize, forward_quantize
         from transformers import AutoModelForCausalLM
-        from transformers.utils.quantization_config import CompressedTensorsConfig
 
         with warnings.catch_warnings():
             # transformers warns that the passed config overrides only run_compressed: intended.
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
-            ).to(device)
-        simulated = 0
-        shared = SharedInputQDQ(forward_quantize)
-        for module in model.modules():
-            scheme = getattr(module, "quantization_scheme", None)
-            if scheme is None:
-                continue
-            if scheme.weights is not None and module.weight.dtype != torch.float32:
-                # Decompressed into bf16 (FP4): recover the stored values exactly in fp32.
-                with torch.no_grad():
-                    module.weight.data = fake_quantize(
-                        module.weight.data.float(), module.weight_scale, getattr(module, "weight_zero_point", None),
-                        scheme.weights, g_idx=getattr(module, "weight_g_idx", None),
-                        global_scale=getattr(module, "weight_global_scale", None),
-                    )
-            # Weights are now dequantized; skip compressed-tensors' per-forward weight QDQ.
-            module.quantization_enabled = False
-            if scheme.input_activations is not None:
-                module.register_forward_pre_hook(input_hook(shared, scheme.input_activations))
-                simulated += 1
-            if scheme.output_activations is not None:
-                module.register_forward_hook(output_hook(forward_quantize, scheme.output_activations))
-        model.eval()
-        model.modelbuild_simulated_layers = simulated
-        return model
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                         quantization_config=_decompressed()).to(device)
+        for module in _quantized(model):
+            _exact_fp32(module)
+        return _simulate_activations(model.eval())
+
+    def scores(self, path: Path, windows, device: str, scratch: Path) -> Iterator:
+        """Layer by layer from the files: each quantized layer's stored tensors are decompressed by
+        compressed-tensors' own compressor for its format as the layer is materialised (the same
+        values as ``load_for_eval``)."""
+        import torch
+        from transformers.utils.quantization_config import CompressedTensorsConfig
+
+        from pipeline.quality.streamed import load_offloaded, streamed_logprobs
+
+        if _formats(path) & _WHOLE_MODEL_FORMATS:
+            yield from super().scores(path, windows, device, scratch)
+            return
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            # run_compressed: the skeleton keeps the stored (compressed) parameters, which
+            # _load_decompressed decompresses layer by layer; decompressing at load time would
+            # need every weight in memory.
+            model, weights = load_offloaded(path, dtype=torch.float32, device=device, offload_folder=scratch,
+                                            quantization_config=CompressedTensorsConfig(run_compressed=True),
+                                            load_module=_load_decompressed)
+        # The library would decompress the whole model on the first forward: the layers are
+        # decompressed one at a time instead.
+        model.hf_quantizer.compressor.remove_decompression_hook(model)
+        yield from streamed_logprobs(_simulate_activations(model.eval()), windows, device, weights, scratch=scratch)
+
+
+# transformers 5.14 initialises the offloaded integer weights of these formats with a float
+# initialiser while loading (and fails): they are scored from the whole model in memory.
+_WHOLE_MODEL_FORMATS = {"int-quantized"}
+
+
+def _formats(path: Path) -> set[str]:
+    """The compressed-tensors formats of a checkpoint's config groups."""
+    import json
+
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("quantization_config", {})
+    groups = config.get("config_groups", {}).values()
+    return ({g.get("format") for g in groups} | {config.get("format")}) - {None}
+
+
+def _decompressed():
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    return CompressedTensorsConfig(run_compressed=False)
+
+
+def _quantized(model) -> list:
+    return [m for m in model.modules() if getattr(getattr(m, "quantization_scheme", None), "weights", None) is not None]
+
+
+def _exact_fp32(module) -> None:
+    """A weight decompressed into bf16 (FP4) recovered exactly in fp32 (see the module docstring),
+    and compressed-tensors' per-forward weight QDQ switched off (the weight is dequantized)."""
+    import torch
+    from compressed_tensors.quantization import fake_quantize
+
+    if module.weight.dtype != torch.float32:
+        with torch.no_grad():
+            module.weight.data = fake_quantize(
+                module.weight.data.float(), module.weight_scale, getattr(module, "weight_zero_point", None),
+                module.quantization_scheme.weights, g_idx=getattr(module, "weight_g_idx", None),
+                global_scale=getattr(module, "weight_global_scale", None),
+            )
+    module.quantization_enabled = False
+
+
+def _load_decompressed(module, stored: dict[str, Any], device: str) -> bool:
+    """``StreamedWeights``' loader for a quantized layer: its stored tensors through the
+    compressor of its format, as ``from_pretrained`` would decompress them."""
+    import torch
+    from compressed_tensors.compressors import BaseCompressor
+
+    scheme = getattr(module, "quantization_scheme", None)
+    if scheme is None or scheme.weights is None or not stored:
+        return False
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    # Scales in fp32, as from_pretrained(dtype=float32) casts them: the dense weights then match
+    # load_for_eval's bit for bit (packed integers and FP8 values stay as stored).
+    stored = {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in stored.items()}
+    for name, value in compressor.decompress(stored, scheme).items():
+        module.register_parameter(name, torch.nn.Parameter(value.to(device), requires_grad=False))
+    for name in [n for n, p in module.named_parameters(recurse=False) if p.device.type == "meta"]:
+        delattr(module, name)  # compressed forms (packed weights, shapes) the dense module no longer has
+    _exact_fp32(module)
+    return True
+
+
+def _simulate_activations(model):
+    """The engine's activation quantization simulated on each quantized layer's input (and
+    output, where the scheme quantizes it); records how many layers are simulated."""
+    from compressed_tensors.quantization import forward_quantize
+
+    simulated = 0
+    shared = SharedInputQDQ(forward_quantize)
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        module.quantization_enabled = False
+        if scheme.input_activations is not None:
+            module.register_forward_pre_hook(input_hook(shared, scheme.input_activations))
+            simulated += 1
+        if scheme.output_activations is not None:
+            module.register_forward_hook(output_hook(forward_quantize, scheme.output_activations))
+    model.modelbuild_simulated_layers = simulated
+    return model
 
 
 def _scheme(variant):

@@ -12,20 +12,23 @@ Files in the baseline stage's cache entry:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from pipeline.quality import metrics
-from pipeline.quality.runner import torch_forward, window_logprobs
 
 TENSORS = "reference.safetensors"
 FULL = "logprobs.npy"
 
 
-def write_reference(out: Path, model, windows, *, top_k: int | None, device: str,
+def write_reference(out: Path, scored: Iterable, windows, *, vocab: int, top_k: int | None,
                     advance: Callable[[int], None]) -> dict:
-    """Score the baseline over ``windows`` and store its side in ``out``.
+    """Store the baseline's side in ``out``.
+
+    Args:
+        scored: the baseline's ``(logprobs, next_ids)`` per window of ``windows``, in order.
+        vocab: the model's vocabulary size (every distribution must have that many entries).
 
     Returns:
         ``{ppl, tokens_scored, windows, vocab, form, top_k}``.
@@ -34,11 +37,10 @@ def write_reference(out: Path, model, windows, *, top_k: int | None, device: str
     from safetensors.torch import save_file
 
     n, s = windows.shape
-    vocab = int(model.config.vocab_size)
     full = _NpyWriter(out / FULL, (n, s - 1, vocab)) if top_k is None else None
     k = top_k or 0  # used only when top_k is set
     per_position: dict[str, list] = {}
-    for logprobs, next_ids in window_logprobs(torch_forward(model), windows, device):
+    for logprobs, next_ids in scored:
         if logprobs.shape[-1] != vocab:
             raise ValueError(f"logits have {logprobs.shape[-1]} entries, config.vocab_size is {vocab}")
         if full is not None:

@@ -63,9 +63,15 @@ def window_logprobs(forward: Callable, windows, device: str, on_window: Callable
     # simulation relies on to share one quantized input safely.
     with torch.no_grad():
         for i in range(windows.shape[0]):
-            ids = windows[i : i + 1].to(device)
-            logits = forward(ids)[:-1]
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            logprobs = to_logprobs(forward(windows[i : i + 1].to(device)))
             if on_window is not None:
                 on_window(i)
             yield logprobs, windows[i, 1:]
+
+
+def to_logprobs(logits):
+    """``logits [S, vocab]`` -> fp32 log-probabilities on the CPU of the positions that predict a
+    token of the window (all but the last)."""
+    import torch
+
+    return torch.log_softmax(logits[:-1].float(), dim=-1).cpu()

@@ -11,12 +11,14 @@ vocabulary size).
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from pipeline.quality.corpus import read_text, token_windows
 from pipeline.quality.reference import write_reference
+from pipeline.quality.streamed import load_offloaded, streamed_logprobs
 from pipeline.sources import tokenizer_check
 from pipeline.stages.context import StageInput
 
@@ -49,7 +51,7 @@ class Result(TypedDict):
 
 def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     ev = ctx.recipe.eval
     checkpoint = inputs["checkpoint"].data
@@ -60,11 +62,16 @@ def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     # After the windows (a corpus too short is reported as such), before the forward pass.
     granularity = tokenizer_check.check_granularity(text[:_SAMPLE_CHARS], tokenizer, what="the eval text",
                                                     where="baseline")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=trust)
-    model.to(ctx.device).eval()
-    started = time.perf_counter()
-    with ctx.reporter.steps("baseline forward", windows.shape[0]) as advance:
-        facts = write_reference(out, model, windows, top_k=ev.top_k, device=ctx.device, advance=advance)
+    # Scratch beside the entry being written: on the cache's disk, and gone with it if the run dies.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix="scratch-") as folder:
+        scratch = Path(folder)
+        model, weights = load_offloaded(checkpoint, dtype=torch.float32, device=ctx.device, offload_folder=scratch,
+                                        trust_remote_code=trust)
+        started = time.perf_counter()
+        with ctx.reporter.steps("baseline forward", windows.shape[0]) as advance:
+            scored = streamed_logprobs(model.eval(), windows, ctx.device, weights, scratch=scratch)
+            facts = write_reference(out, scored, windows, vocab=int(model.config.vocab_size), top_k=ev.top_k,
+                                    advance=advance)
     tokenizer_check.check_baseline_perplexity(facts["ppl"], facts["vocab"], where="baseline")
     return {"ppl": facts["ppl"], "tokens_scored": facts["tokens_scored"], "windows": facts["windows"],
             "vocab": facts["vocab"], "form": facts["form"], "top_k": facts["top_k"], "eval_granularity": granularity,

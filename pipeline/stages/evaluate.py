@@ -1,12 +1,14 @@
 """evaluate: one forward pass of the variant over the baseline's token windows.
 
-The variant is loaded by its backend as its engine computes (weights dequantized exactly as
-stored and activation quantization simulated, or the engine itself, as llama.cpp), and compared position by position with the cached
-baseline side: no baseline forward is repeated.
+The variant is scored by its backend as its engine computes (weights dequantized exactly as
+stored, one decoder layer at a time where the backend reads its format layer by layer, and
+activation quantization simulated; or the engine itself, as llama.cpp), and compared position by
+position with the cached baseline side: no baseline forward is repeated.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -14,7 +16,6 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from pipeline.backends import get_backend
 from pipeline.quality.metrics import summarise
 from pipeline.quality.reference import Reference
-from pipeline.quality.runner import window_logprobs
 from pipeline.stages.context import StageInput
 
 if TYPE_CHECKING:
@@ -47,20 +48,19 @@ def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     ref = Reference(baseline.data)
     windows = ref.tokens
 
-    model = backend.load_for_eval(inputs["checkpoint"].data, ctx.device)
-    forward = backend.forward(model)
     lps, klds, tops = [], [], []
     started = time.perf_counter()
-    with ctx.reporter.steps(f"evaluate {name}", windows.shape[0]) as advance:
-        for i, (logprobs, next_ids) in enumerate(window_logprobs(forward, windows, ctx.device)):
+    # Scratch beside the entry being written: on the cache's disk, and gone with it if the run dies.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix="scratch-") as scratch, \
+            ctx.reporter.steps(f"evaluate {name}", windows.shape[0]) as advance:
+        scored = backend.scores(inputs["checkpoint"].data, windows, ctx.device, Path(scratch))
+        for i, (logprobs, next_ids) in enumerate(scored):
             lp, kld, top = ref.compare(i, logprobs, next_ids)
             lps.append(lp)
             klds.append(kld)
             tops.append(top)
             advance(1)
     forward_s = time.perf_counter() - started
-    if hasattr(model, "close"):  # an engine holding native memory (llama.cpp)
-        model.close()
     target_lp, kld = torch.cat(lps), torch.cat(klds)
     save_file({"target_logprob": target_lp, "kld": kld}, str(out / "per_token.safetensors"))
     metrics = summarise(target_lp, kld, torch.cat(tops), baseline.result["ppl"])

@@ -228,3 +228,22 @@ def test_chat_template_wraps_each_sample(tiny_model, wikitext, tmp_path):
     bos = tok.convert_tokens_to_ids("<s>")
     assert all(w[0] == bos for w in wrapped) and all(p[0] != bos for p in plain)
     assert all(len(w) <= 64 for w in wrapped)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_layer_by_layer_scores_equal_the_whole_model(built, name, tmp_path):
+    """The streamed evaluation decompresses each layer from the files as it goes and gives the
+    numbers of the whole dequantized model (activation simulation included)."""
+    import torch
+
+    from pipeline.backends.llmcompressor import LLMCompressorBackend
+    from pipeline.quality.runner import torch_forward, window_logprobs
+
+    folder = built["published"][name]
+    windows = torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(0))
+    backend = LLMCompressorBackend()
+    whole = list(window_logprobs(torch_forward(backend.load_for_eval(folder, "cpu")), windows, "cpu"))
+    streamed = list(backend.scores(folder, windows, "cpu", tmp_path))
+    assert len(streamed) == len(whole) == 2
+    for (lp, _), (want, _) in zip(streamed, whole, strict=True):
+        torch.testing.assert_close(lp, want, rtol=0, atol=0)

@@ -53,6 +53,7 @@ def test_second_run_is_a_no_op(cli, recipe_factory, dirs, monkeypatch):
     calls = []
     monkeypatch.setattr(LLMCompressorBackend, "quantize", lambda *a, **k: calls.append(a) or {})
     monkeypatch.setattr(LLMCompressorBackend, "load_for_eval", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(LLMCompressorBackend, "scores", lambda *a, **k: calls.append(a) or iter(()))
     code, _, err = cli("run", recipe)
     assert code == 0, err
     assert calls == []
@@ -520,18 +521,18 @@ def test_locked_run_refuses_a_moved_upstream(recipe_factory, dirs, tiny_model, t
 def _counting(monkeypatch) -> list[str]:
     """Record which variants the backend quantizes and evaluates, still calling through."""
     calls: list[str] = []
-    quantize, load = LLMCompressorBackend.quantize, LLMCompressorBackend.load_for_eval
+    quantize, scores = LLMCompressorBackend.quantize, LLMCompressorBackend.scores
 
     def counted_quantize(self, variant, *a, **k):
         calls.append(f"quantize {variant.name}")
         return quantize(self, variant, *a, **k)
 
-    def counted_load(self, *a, **k):
+    def counted_scores(self, *a, **k):
         calls.append("evaluate")
-        return load(self, *a, **k)
+        return scores(self, *a, **k)
 
     monkeypatch.setattr(LLMCompressorBackend, "quantize", counted_quantize)
-    monkeypatch.setattr(LLMCompressorBackend, "load_for_eval", counted_load)
+    monkeypatch.setattr(LLMCompressorBackend, "scores", counted_scores)
     return calls
 
 
