@@ -94,8 +94,7 @@ with open(os.path.join(dst, 'out.bin'), 'wb') as f:
 QUANTIZE = """
 import sys
 from pathlib import Path
-from pipeline.backends.llmcompressor import LLMCompressorBackend
-from pipeline.recipe.variants import LLMCompressorVariant
+from pipeline.backends.llmcompressor import LLMCompressorBackend, LLMCompressorVariant
 v = LLMCompressorVariant(name='fp8', backend='llmcompressor', scheme='FP8_DYNAMIC', entrypoint=sys.argv[3])
 LLMCompressorBackend().quantize(v, Path(sys.argv[1]), Path(sys.argv[2]), calibration=None, device=sys.argv[4])
 import os; os.sync()
