@@ -1,7 +1,10 @@
-"""Helpers shared by the benchmark scripts (run as scripts: this folder is on sys.path)."""
+"""Helpers shared by the benchmark scripts (run as scripts: this folder is on sys.path) and, for
+the memory cgroup (``MemoryCgroup``, ``evict_from_page_cache``), by the scale test
+(``tests/test_scale.py`` imports ``benchmarks._common``): standard library only at import time."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -10,6 +13,132 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")  # the v1 memory controller's hierarchy
+CGROUP_V2 = Path("/sys/fs/cgroup")  # the unified hierarchy, where it is the only one
+
+
+class MemoryCgroup:
+    """A memory limit, page cache included, that child processes join before they exec.
+
+    cgroup v1 (``memory.limit_in_bytes``, and the memory+swap limit where the kernel has one) or
+    v2 (``memory.max``, ``memory.swap.max`` 0), whichever this machine has; creating one needs root.
+    Both count the page cache a member reads or writes against the limit (v1 charges a page to the
+    cgroup that first touched it: see ``evict_from_page_cache``); under the limit the kernel
+    reclaims clean cache before it kills anything.
+
+    Args:
+        limit_bytes: the limit.
+        name: the cgroup's folder name (default ``modelbuild-<pid>``; made unique per instance).
+
+    Attributes:
+        enforced: the cgroup exists and has the limit; when False, ``reason`` says why and
+            ``join`` does nothing.
+        version: 1 or 2 (None when not enforced).
+
+    Usage: ``subprocess.Popen(cmd, preexec_fn=cgroup.join)``; ``peak()`` after it ends; ``close()``.
+    """
+
+    _made = 0
+
+    def __init__(self, limit_bytes: int, name: str | None = None):
+        MemoryCgroup._made += 1
+        name = name or f"modelbuild-{os.getpid()}-{MemoryCgroup._made}"
+        self.limit = limit_bytes
+        self.enforced, self.version, self.reason = False, None, None
+        self.path = CGROUP_V1 / name
+        try:
+            if (CGROUP_V1 / "memory.limit_in_bytes").is_file():
+                self.path.mkdir()
+                (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+                if (self.path / "memory.memsw.limit_in_bytes").is_file():  # no swapping around the limit
+                    (self.path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+                self.version = 1
+            elif "memory" in _read(CGROUP_V2 / "cgroup.controllers").split():
+                if "memory" not in _read(CGROUP_V2 / "cgroup.subtree_control").split():
+                    (CGROUP_V2 / "cgroup.subtree_control").write_text("+memory")
+                self.path = CGROUP_V2 / name
+                self.path.mkdir()
+                (self.path / "memory.max").write_text(str(limit_bytes))
+                if (self.path / "memory.swap.max").is_file():
+                    (self.path / "memory.swap.max").write_text("0")
+                self.version = 2
+            else:
+                self.reason = "no cgroup memory controller on this machine (neither v1 nor v2)"
+                return
+            self.enforced = True
+        except OSError as e:
+            self.reason = f"cannot create a memory cgroup at {self.path}: {e.strerror or e} (needs root)"
+            self.version = None
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
+    def join(self) -> None:
+        """Move the calling process into the cgroup (a ``preexec_fn``: the child joins before exec)."""
+        if self.enforced:
+            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def reset_peak(self) -> None:
+        """Start the peak over (v1 only; on v2 the peak counts from the cgroup's creation: use one
+        cgroup per measured command)."""
+        if self.version == 1:
+            with contextlib.suppress(OSError):
+                (self.path / "memory.max_usage_in_bytes").write_text("0")
+
+    def peak(self) -> int | None:
+        """The most memory (page cache included) the members used, in bytes; None when unknown."""
+        name = {1: "memory.max_usage_in_bytes", 2: "memory.peak"}.get(self.version or 0)
+        try:
+            return int(_read(self.path / name)) if name else None
+        except (OSError, ValueError):
+            return None
+
+    def oom_kills(self) -> int:
+        """How many members the kernel killed for going over the limit."""
+        text = {1: "memory.oom_control", 2: "memory.events"}.get(self.version or 0)
+        with contextlib.suppress(OSError):
+            for line in _read(self.path / text).splitlines() if text else ():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        return 0
+
+    def close(self) -> None:
+        """Remove the cgroup (its members must have exited; retried while the kernel lets them go)."""
+        if not self.enforced:
+            return
+        for _ in range(20):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.25)
+
+    def __enter__(self) -> MemoryCgroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def evict_from_page_cache(folder: Path) -> None:
+    """Write the folder's files to disk and drop their pages from the page cache, so that a later
+    reader reads from disk and the pages it reads are charged to its own cgroup (v1 charges a page
+    to whoever first touched it)."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages cannot be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def measure(cmd: list[str]) -> dict:

@@ -1,7 +1,7 @@
 """Benchmark: data-free quantization shard by shard, under a memory limit smaller than the model.
 
-1. Writes a synthetic checkpoint (random bf16 weights, a real Llama-3.2-3B configuration: about
-   6.4 GB in 1 GB safetensors shards).
+1. Writes a synthetic checkpoint (``pipeline.sources.synthetic``: random bf16 weights, the real
+   Llama-3.2-3B configuration: about 6.4 GB in 1 GiB safetensors shards).
 2. In a memory cgroup limited to ``--limit-gb`` (default 3 GiB, under half the checkpoint), with
    the checkpoint evicted from the page cache before each (so reads come from disk), runs
    each side by side, each in its own process:
@@ -18,8 +18,8 @@
    weights, with reading excluded. When that alone exceeds 1.5x the I/O floor, the target cannot
    be met on this machine by any quantizer written with torch's CPU kernels.
 
-Needs root for the cgroup (cgroup v1 memory controller at /sys/fs/cgroup/memory); without it the
-limit is not enforced and the script says so. Usage:
+Needs root for the cgroup (``_common.MemoryCgroup``: cgroup v1 or v2); without it the limit is not
+enforced and the script says so. Usage:
     .venv/bin/python benchmarks/model_free_memory.py [--workdir DIR] [--limit-gb 3] [--device cuda]
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,126 +35,21 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
-
-LLAMA_3B = dict(
-    vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-    num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=8192,
-    rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16",
-)
+from _common import REPO, MemoryCgroup, evict_from_page_cache
 
 
-def make_checkpoint(folder: Path, shard_bytes: int = 1 << 30) -> int:
-    """Random bf16 weights with the names and shapes of a real Llama, in shards; returns bytes."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
+def make_checkpoint(folder: Path) -> int:
+    """The synthetic Llama-3.2-3B checkpoint (``pipeline.sources.synthetic``) in 1 GiB shards;
+    returns its weights' bytes."""
+    sys.path.insert(0, str(REPO))
+    from pipeline.sources import synthetic
 
-    folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**LLAMA_3B)
-    config.save_pretrained(folder)
-    _small_tokenizer().save_pretrained(folder)
-    with torch.device("meta"):
-        from transformers import LlamaForCausalLM
-
-        shapes = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
-    generator = torch.Generator().manual_seed(0)
-    shard, size, index, total, count = {}, 0, {}, 0, 0
-
-    def flush():
-        nonlocal shard, size, count
-        if not shard:
-            return
-        count += 1
-        name = f"model-{count:05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        index.update({k: name for k in shard})
-        shard, size = {}, 0
-
-    for name, shape in shapes.items():
-        if name == "lm_head.weight":
-            continue  # tied to the embeddings
-        if len(shape) == 1:
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-        if size + t.nbytes > shard_bytes:
-            flush()
-        shard[name] = t
-        size += t.nbytes
-        total += t.nbytes
-    flush()
-    # Give each shard its final "-of-N" name, as Hugging Face checkpoints have.
-    renames = {}
-    for i in range(1, count + 1):
-        old, new = f"model-{i:05d}.safetensors", f"model-{i:05d}-of-{count:05d}.safetensors"
-        (folder / old).rename(folder / new)
-        renames[old] = new
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": {k: renames[v] for k, v in index.items()}})
-    )
-    return total
-
-
-def _small_tokenizer():
-    """A byte-level BPE tokenizer (the quantizer only copies it; its vocabulary is irrelevant)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["a synthetic checkpoint for a memory benchmark"] * 10,
-                            trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-
-
-class MemoryCgroup:
-    """A cgroup v1 memory limit that child processes join before they exec."""
-
-    def __init__(self, limit_bytes: int):
-        self.path = CGROUP_ROOT / f"modelbuild-bench-{os.getpid()}"
-        self.enforced = False
-        try:
-            self.path.mkdir()
-            (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
-            self.enforced = True
-        except OSError as e:
-            print(f"warning: memory limit NOT enforced (cgroup unavailable: {e})", file=sys.stderr)
-
-    def join(self):
-        if self.enforced:
-            (self.path / "cgroup.procs").write_text(str(os.getpid()))
-
-    def close(self):
-        if self.enforced:
-            time.sleep(0.5)
-            try:
-                self.path.rmdir()
-            except OSError:
-                pass
-
-
-def drop_from_page_cache(folder: Path) -> None:
-    """Evict the files' cached pages, so every measured run reads from disk and the pages it
-    reads are charged to its own cgroup (cgroup v1 charges a page to whoever first touched it)."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    return synthetic.write("llama-3.2-3b", folder, max_shard_bytes=1 << 30)["bytes"]
 
 
 def run(cmd: list[str], cgroup: MemoryCgroup) -> dict:
     """Wall time, peak anonymous memory (sampled), cgroup peak and exit status of one command."""
-    if cgroup.enforced:
-        try:
-            (cgroup.path / "memory.max_usage_in_bytes").write_text("0")
-        except OSError:
-            pass
+    cgroup.reset_peak()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=cgroup.join)
     out = {}
@@ -175,12 +69,7 @@ def run(cmd: list[str], cgroup: MemoryCgroup) -> dict:
     wall = time.perf_counter() - start
     for t in threads:
         t.join()
-    cgroup_peak = None
-    if cgroup.enforced:
-        try:
-            cgroup_peak = int((cgroup.path / "memory.max_usage_in_bytes").read_text())
-        except OSError:
-            pass
+    cgroup_peak = cgroup.peak()
     return {"wall_s": wall, "anon_mb": peak_anon / 2**20, "cgroup_mb": None if cgroup_peak is None else cgroup_peak / 2**20,
             "exit": proc.returncode, "stderr": out.get("stderr", b"").decode(errors="replace")[-1500:]}
 
@@ -205,8 +94,7 @@ with open(os.path.join(dst, 'out.bin'), 'wb') as f:
 QUANTIZE = """
 import sys
 from pathlib import Path
-from pipeline.backends.llmcompressor import LLMCompressorBackend
-from pipeline.recipe.variants import LLMCompressorVariant
+from pipeline.backends.llmcompressor import LLMCompressorBackend, LLMCompressorVariant
 v = LLMCompressorVariant(name='fp8', backend='llmcompressor', scheme='FP8_DYNAMIC', entrypoint=sys.argv[3])
 LLMCompressorBackend().quantize(v, Path(sys.argv[1]), Path(sys.argv[2]), calibration=None, device=sys.argv[4])
 import os; os.sync()
@@ -257,23 +145,25 @@ def main() -> None:
     total = folder_bytes(src)
     limit = int(args.limit_gb * (1 << 30))
     cgroup = MemoryCgroup(limit)
+    if not cgroup.enforced:
+        print(f"warning: memory limit NOT enforced ({cgroup.reason})", file=sys.stderr)
     try:
         free_out = work / "out-model-free"
         shutil.rmtree(free_out, ignore_errors=True)
-        drop_from_page_cache(src)
+        evict_from_page_cache(src)
         quant = run([sys.executable, "-c", QUANTIZE, str(src), str(free_out), "model_free", args.device], cgroup)
         if quant["exit"] != 0:
             sys.exit(f"model-free quantize failed ({quant['exit']}):\n{quant['stderr']}")
         out_bytes = folder_bytes(free_out)
         floor_dir = work / "floor"
-        drop_from_page_cache(src)
+        evict_from_page_cache(src)
         floor = run([sys.executable, "-c", FLOOR, str(src), str(floor_dir), str(out_bytes)], cgroup)
         shutil.rmtree(floor_dir, ignore_errors=True)
         oneshot = None
         if not args.skip_oneshot:
             one_out = work / "out-oneshot"
             shutil.rmtree(one_out, ignore_errors=True)
-            drop_from_page_cache(src)
+            evict_from_page_cache(src)
             oneshot = run([sys.executable, "-c", QUANTIZE, str(src), str(one_out), "oneshot", args.device], cgroup)
             shutil.rmtree(one_out, ignore_errors=True)
     finally:

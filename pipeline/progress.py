@@ -74,6 +74,11 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def memory(nbytes: int) -> str:
+    """``412 MB``, ``2.31 GB`` (decimal units, as file sizes print)."""
+    return f"{nbytes / 1e6:.0f} MB" if nbytes < 1e9 else f"{nbytes / 1e9:.2f} GB"
+
+
 @dataclass
 class PlannedStage:
     """What the reporter knows of a stage before it runs.
@@ -125,7 +130,8 @@ class RunReporter(Protocol):
 
     def run(self, plan: Sequence[PlannedStage]) -> contextlib.AbstractContextManager[object]: ...
 
-    def stage(self, index: int, total: int, stage_id: str, status: str, seconds: float | None = None) -> None: ...
+    def stage(self, index: int, total: int, stage_id: str, status: str, seconds: float | None = None,
+              peak_bytes: int | None = None) -> None: ...
 
     def warn(self, message: str) -> None: ...
 
@@ -294,8 +300,10 @@ class Reporter:
 
     # -- stages --------------------------------------------------------------------------------
 
-    def stage(self, index: int, total: int, stage_id: str, status: str, seconds: float | None = None) -> None:
-        """A stage started (``status`` ``running``) or ended (any other status, rich markup allowed)."""
+    def stage(self, index: int, total: int, stage_id: str, status: str, seconds: float | None = None,
+              peak_bytes: int | None = None) -> None:
+        """A stage started (``status`` ``running``) or ended (any other status, rich markup allowed);
+        a built stage's line shows its seconds and, where measured, its peak resident memory."""
         with self._lock:
             now = self._clock()
             run = self._run
@@ -314,7 +322,11 @@ class Reporter:
             plain = Text.from_markup(status).plain
             event = {"event": "stage", "index": index, "total": total, "stage": stage_id,
                      "status": "running" if status == "running" else plain, "seconds": seconds}
+            if peak_bytes is not None:
+                event["peak_rss_bytes"] = peak_bytes
             timing = f" [dim]{seconds:.1f}s[/dim]" if seconds is not None else ""
+            if peak_bytes is not None:
+                timing += f" [dim]peak {memory(peak_bytes)}[/dim]"
             text = f"[{index}/{total}] {stage_id}: {status}{timing}"
             if run is not None:
                 eta, unknown = self._eta_seconds()

@@ -119,13 +119,16 @@ class CacheStore:
                 raise CacheEntryCorrupt(f"{f['path']} content changed")
         return Entry(key, data, record)
 
-    def put(self, key: str, build: Callable[[Path], dict[str, Any]], describe: dict[str, Any]) -> Entry:
+    def put(self, key: str, build: Callable[[Path], dict[str, Any]], describe: dict[str, Any],
+            measured: Callable[[], dict[str, Any]] | None = None) -> Entry:
         """Run ``build(data_dir)`` into a temp folder and publish it atomically under ``key``.
 
         Args:
             key: the stage key.
             build: writes the outputs into the folder it is given; returns a JSON-able result.
             describe: stored beside the result for humans (stage id, kind, parameters).
+            measured: called after ``build``: figures of the build (its peak memory) recorded in
+                ``entry.json`` beside its seconds, outside its result.
 
         Returns:
             The finished entry (another process's, if it finished the same key first).
@@ -149,6 +152,7 @@ class CacheStore:
                 "fingerprints": fingerprints,
                 "seconds": round(time.time() - started, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **(measured() if measured is not None else {}),
             }
             _write_json_atomic(tmp / "entry.json", record)
             final = self._entry_dir(key)

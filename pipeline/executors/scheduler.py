@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from pipeline.cache.store import CacheStore, Entry
 from pipeline.errors import Interrupted, ModelbuildError, StageError, StageSkipped
+from pipeline.executors.memory import Peak, PeakMemory
 from pipeline.hardware import missing
 from pipeline.stages import runner
 from pipeline.stages.base import Stage
@@ -36,6 +37,8 @@ class Outcome:
         result: the runner's result (for a cached stage, the one stored with its entry).
         seconds: how long it took here.
         entry: the cache entry of a cached kind's output.
+        peak: the stage's peak resident memory where it ran (built or run stages on Linux; see
+            ``executors.memory``); never part of a key or a manifest.
     """
 
     stage: Stage
@@ -43,6 +46,7 @@ class Outcome:
     result: dict[str, Any]
     seconds: float
     entry: Entry | None = None
+    peak: Peak | None = None
 
 
 @dataclass
@@ -107,8 +111,10 @@ def schedule(plan, ctx: RunContext, executor: Executor, report: Report | None = 
 
     def finish(stage: Stage, outcome: Outcome) -> None:
         report.outcomes[stage.id] = outcome
-        seconds = outcome.seconds if outcome.status == Status.BUILT else None
-        ctx.reporter.stage(order[stage.id], total, stage.id, describe(outcome), seconds)
+        built = outcome.status == Status.BUILT
+        seconds = outcome.seconds if built else None
+        peak = outcome.peak.process if built and outcome.peak is not None else None
+        ctx.reporter.stage(order[stage.id], total, stage.id, describe(outcome), seconds, peak)
 
     try:
         while waiting or out:
@@ -187,28 +193,31 @@ def run_stage(ctx: RunContext, store: CacheStore, stage: Stage, inputs: dict[str
     module = runner(stage.kind)
     try:
         if not stage.cached:
-            result = _guarded(stage, lambda: module.run(ctx, stage, inputs))
-            return Outcome(stage, Status.RAN, result, time.perf_counter() - started)
+            with PeakMemory() as peak:
+                result = _guarded(stage, lambda: module.run(ctx, stage, inputs))
+            return Outcome(stage, Status.RAN, result, time.perf_counter() - started, peak=peak)
         entry = store.get(stage.key)  # built elsewhere (a shared cache) counts, whatever this machine is
-        status = Status.CACHED
-        if entry is None:
-            lacking = missing(stage.hints.requires)
-            if lacking:
-                return Outcome(stage, Status.NEEDS, {"needs": lacking}, 0.0)
-            if progress is not None:
-                progress.running(stage)
-            record = {"stage": stage.id, "kind": stage.kind, "params": stage.params}
+        if entry is not None:
+            return Outcome(stage, Status.CACHED, entry.result, time.perf_counter() - started, entry)
+        lacking = missing(stage.hints.requires)
+        if lacking:
+            return Outcome(stage, Status.NEEDS, {"needs": lacking}, 0.0)
+        if progress is not None:
+            progress.running(stage)
+        record = {"stage": stage.id, "kind": stage.kind, "params": stage.params}
+        measure = PeakMemory()
 
-            def build(out: Path) -> dict[str, Any]:
+        def build(out: Path) -> dict[str, Any]:
+            with measure:
                 result = module.run(ctx, stage, inputs, out)
-                _hold_for_tests(stage.id)
-                return result
+            _hold_for_tests(stage.id)
+            return result
 
-            entry = _guarded(stage, lambda: store.put(stage.key, build, record))
-            status = Status.BUILT
+        # The peak goes into entry.json beside the build's seconds, outside its result.
+        entry = _guarded(stage, lambda: store.put(stage.key, build, record, measured=measure.peak.record))
+        return Outcome(stage, Status.BUILT, entry.result, time.perf_counter() - started, entry, measure.peak)
     except StageSkipped as e:
         return Outcome(stage, Status.SKIPPED, {"reason": str(e)}, time.perf_counter() - started)
-    return Outcome(stage, status, entry.result, time.perf_counter() - started, entry)
 
 
 # Tests that interrupt a run mid-stage (Ctrl-C, SIGKILL) need the stage to be certainly running

@@ -54,6 +54,21 @@ def variant_rows(recipe, report) -> list[dict[str, Any]]:
     return rows
 
 
+def stage_rows(report) -> list[dict[str, Any]]:
+    """One row per finished stage, in the order they finished: status, seconds here and, where
+    measured, peak resident memory (``executors.memory``)."""
+    if report is None:
+        return []
+    rows = []
+    for sid, outcome in report.outcomes.items():
+        row: dict[str, Any] = {"stage": sid, "kind": outcome.stage.kind, "status": outcome.status.value,
+                               "seconds": round(outcome.seconds, 3)}
+        if outcome.peak is not None:
+            row.update(outcome.peak.record())
+        rows.append(row)
+    return rows
+
+
 def default_folder(recipe_name: str) -> Path:
     """``$MODELBUILD_REPORTS``, else ``reports/<recipe name>`` under the working directory."""
     env = os.environ.get("MODELBUILD_REPORTS")
@@ -66,14 +81,15 @@ def write_for_run(folder: Path, prepared, report, *, exit_code: int, error: str 
     baseline = report.outcomes["baseline"].result if report is not None and "baseline" in report.outcomes else None
     return write(folder, recipe_name=recipe.name, recipe_path=str(prepared.loaded.path), storage=prepared.storage,
                  rows=variant_rows(recipe, report), baseline=baseline, exit_code=exit_code, error=error,
-                 seconds=seconds, placements=getattr(report, "placements", None))
+                 seconds=seconds, placements=getattr(report, "placements", None), stages=stage_rows(report))
 
 
 def write(folder: Path, *, recipe_name: str, recipe_path: str, storage: str, rows: list[dict[str, Any]],
           baseline: dict[str, Any] | None, exit_code: int, error: str | None, seconds: float,
-          placements: dict[str, dict] | None = None) -> dict[str, Path]:
+          placements: dict[str, dict] | None = None, stages: list[dict[str, Any]] | None = None) -> dict[str, Path]:
     """Write the three files into ``folder``; returns their paths. ``placements``: where each
-    stage ran (the Ray executor's node, host, pid, start and end)."""
+    stage ran (the Ray executor's node, host, pid, start and end); ``stages``: each finished
+    stage's status, seconds and peak memory (``stage_rows``)."""
     summary = {
         "format": SUMMARY_FORMAT,
         "recipe": {"name": recipe_name, "path": recipe_path},
@@ -85,6 +101,8 @@ def write(folder: Path, *, recipe_name: str, recipe_path: str, storage: str, row
         "baseline": baseline,
         "variants": rows,
     }
+    if stages is not None:
+        summary["stages"] = stages
     if placements is not None:
         summary["placements"] = placements
     paths = {"json": folder / "summary.json", "junit": folder / "junit.xml", "markdown": folder / "summary.md"}

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cache.store import CacheStore
 from pipeline.errors import StageError
-from pipeline.executors import scheduler
+from pipeline.executors import memory, scheduler
 from pipeline.executors.scheduler import Outcome, Report, run_stage, schedule
 from pipeline.stages.base import Hints, Stage
 from pipeline.stages.context import StageInput
@@ -21,9 +21,11 @@ from pipeline.stages.status import Status
 class _Reporter:
     def __init__(self):
         self.lines: list[tuple[str, str]] = []
+        self.peaks: dict[str, int | None] = {}
 
-    def stage(self, index, total, stage_id, status, seconds=None):
+    def stage(self, index, total, stage_id, status, seconds=None, peak_bytes=None):
         self.lines.append((stage_id, status))
+        self.peaks[stage_id] = peak_bytes
 
 
 def _kind(name: str, inputs: type | None = None, result=None) -> ModuleType:
@@ -279,3 +281,87 @@ def test_every_planned_stage_gets_the_roles_its_runner_takes(tmp_path, tiny_mode
     expected = {"standard": {"quantize"}, "gguf": {"gguf_quantize", "gguf_imatrix", "gguf_speed", "gguf_fidelity"},
                 "trtllm": {"trtllm_engine", "publish_engine"}}[chain]
     assert expected <= kinds
+
+
+# -- peak memory per stage ----------------------------------------------------------------------
+
+MB = 10**6
+
+
+def _allocating(name: str, nbytes: int) -> ModuleType:
+    """A stage kind that holds ``nbytes`` of touched memory while it runs."""
+    module = ModuleType(name)
+
+    def run(ctx, stage, got, out=None):
+        held = b"\x01" * nbytes  # filled, so every page is resident
+        return {"held": len(held)}
+
+    module.run = run
+    module.Inputs = _SourceInputs
+    return module
+
+
+@pytest.mark.skipif(not memory._LINUX or not memory._CLEAR_REFS.exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_each_built_stage_records_its_own_peak_memory(tmp_path, monkeypatch):
+    """A stage that holds 400 MB peaks above that; a later one holding 40 MB peaks lower (the
+    high-water mark is reset between stages). The figure is beside the entry's seconds, never in
+    its result; the stage line and the run's JSON event show it."""
+    table = {"big": _allocating("big", 400 * MB), "small": _allocating("small", 40 * MB),
+             "verdict": _kind("verdict", _SourceInputs, {"passed": True})}
+    monkeypatch.setattr(scheduler, "runner", table.__getitem__)
+    big = _keyed(Stage(id="big", kind="big", params={}), 1)
+    small = _keyed(Stage(id="small", kind="small", params={}, after=("big",)), 2)
+    verdict = Stage(id="verdict", kind="verdict", params={}, cached=False, after=("small",))
+    report, reporter = _run(tmp_path, [big, small, verdict])
+    peaks = {sid: o.peak.process for sid, o in report.outcomes.items()}
+    assert peaks["big"] >= 400 * MB
+    assert peaks["small"] < peaks["big"] - 300 * MB
+    assert peaks["verdict"] is not None  # uncached stages are measured too
+    entry = report.outcomes["big"].entry
+    assert entry.record["peak_rss_bytes"] == peaks["big"] and "peak_rss_bytes" not in entry.result
+    assert reporter.peaks["big"] == peaks["big"] and reporter.peaks["verdict"] is None  # shown for builds
+
+    from pipeline.run.report import stage_rows
+
+    rows = {r["stage"]: r for r in stage_rows(report)}
+    assert rows["big"]["peak_rss_bytes"] == peaks["big"] and rows["small"]["status"] == "built"
+    again, _ = _run(tmp_path, [big, small, verdict])  # served from the cache: nothing measured
+    assert again.outcomes["big"].status == Status.CACHED and again.outcomes["big"].peak is None
+
+
+def test_no_figure_where_the_high_water_mark_cannot_be_reset(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    with memory.PeakMemory() as peak:
+        held = b"\x01" * (10 * MB)
+    assert len(held) and peak.process is None and "peak_rss_bytes" not in peak.record()
+
+
+def test_a_child_process_s_peak_is_recorded_when_it_sets_a_new_maximum():
+    import subprocess
+    import sys
+
+    grow = "b = b'\\x01' * {n}"
+    with memory.PeakMemory() as first:
+        subprocess.run([sys.executable, "-c", grow.format(n=600 * MB)], check=True)
+    assert first.children is None or first.children >= 600 * MB  # None: an earlier child was larger
+    with memory.PeakMemory() as second:
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+    assert second.children is None  # smaller than an earlier child: unknown, so not reported
+
+
+def test_stage_lines_show_a_build_s_peak_memory():
+    import io
+
+    from rich.console import Console
+
+    from pipeline.progress import Reporter
+
+    out = io.StringIO()
+    reporter = Reporter(Console(file=out, width=200), mode="log")
+    reporter.stage(1, 2, "gguf/convert", "done", 12.5, 2_345_000_000)
+    reporter.stage(2, 2, "quantize/q", "done", 1.0)
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("[1/2] gguf/convert: done 12.5s peak 2.35 GB") and "peak" not in second
+    json_out = io.StringIO()
+    Reporter(Console(file=json_out), mode="json").stage(1, 1, "baseline", "done", 3.0, 412_000_000)
+    assert json.loads(json_out.getvalue())["peak_rss_bytes"] == 412_000_000
