@@ -112,6 +112,11 @@ class Backend(ABC):
         need = self.describe(variant).min_compute_capability
         return "no particular GPU" if need is None else f"compute capability {need:g}+"
 
+    def memory(self, variant: Any) -> dict[str, str | None]:
+        """The memory model (``pipeline.memory.MODELS``) of the variant's ``quantize`` and
+        ``evaluate`` stages. Default: both hold the whole model in fp32 (``load_for_eval``)."""
+        return {"quantize": "whole-fp32", "evaluate": "whole-fp32"}
+
     def scores(self, path: Path, windows, device: str, scratch: Path) -> Iterator:
         """Per window of ``windows``, ``(logprobs [S-1, vocab], next ids [S-1])`` of the variant
         at ``path`` as its engine computes them. Default: the ``load_for_eval`` model, layer by

@@ -52,31 +52,33 @@ _W16 = "weights: stored {w} dequantized exactly; activations: not quantized (16-
 # (llm-compressor's scheme guide: INT W4A16/W8A16/W8A8 7.5, FP8 8.9, FP4 10.0).
 SCHEMES: dict[str, dict[str, Any]] = {
     # FP8 weights per channel, FP8 activations per token (dynamic)
-    "FP8_DYNAMIC": {"bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-channel scales) "
+    "FP8_DYNAMIC": {"streamed": True, "bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-channel scales) "
                     "dequantized exactly; input activations: FP8 per-token dynamic quantization simulated in fp32"},
     # FP8 weights per tensor, FP8 activations per tensor (static, calibrated)
-    "FP8": {"bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-tensor scale) dequantized exactly; "
+    "FP8": {"streamed": True, "bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-tensor scale) dequantized exactly; "
             "input activations: FP8 with the calibrated static per-tensor scales, simulated in fp32"},
     # INT8 weights per channel, INT8 activations per token (dynamic)
-    "W8A8": {"bits": 8, "min_cc": 7.5, "eval": "weights: stored INT8 (per-channel scales) dequantized exactly; "
+    "W8A8": {"streamed": False, "bits": 8, "min_cc": 7.5, "eval": "weights: stored INT8 (per-channel scales) dequantized exactly; "
              "input activations: INT8 per-token dynamic quantization simulated in fp32"},
     # INT8 weights per group, 16-bit activations
-    "W8A16": {"bits": 8, "min_cc": 7.5, "eval": _W16.format(w="INT8 (per-group scales)")},
+    "W8A16": {"streamed": True, "bits": 8, "min_cc": 7.5, "eval": _W16.format(w="INT8 (per-group scales)")},
     # INT4 weights per group (symmetric), 16-bit activations
-    "W4A16": {"bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales)")},
+    "W4A16": {"streamed": True, "bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales)")},
     # INT4 weights per group with zero points
-    "W4A16_ASYM": {"bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales and zero points)")},
+    "W4A16_ASYM": {"streamed": True, "bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales and zero points)")},
     # FP4 (E2M1) weights, FP8 scales per 16, fp32 global scale
-    "NVFP4A16": {"bits": 4, "min_cc": 10.0, "eval": _W16.format(w="FP4 (E2M1, FP8 scales per 16, fp32 global scale)")},
+    "NVFP4A16": {"streamed": True, "bits": 4, "min_cc": 10.0, "eval": _W16.format(w="FP4 (E2M1, FP8 scales per 16, fp32 global scale)")},
     # NVFP4 weights and activations (calibrated global input scales)
-    "NVFP4": {"bits": 4, "min_cc": 10.0, "eval": "weights: stored NVFP4 dequantized exactly; input activations: "
+    "NVFP4": {"streamed": True, "bits": 4, "min_cc": 10.0, "eval": "weights: stored NVFP4 dequantized exactly; input activations: "
               "NVFP4 (FP8 scales per 16 computed per token group, calibrated global scale) simulated in fp32"},
     # FP4 weights, E8M0 scales per 32
-    "MXFP4A16": {"bits": 4, "min_cc": 10.0, "eval": _W16.format(w="MXFP4 (E2M1, E8M0 scales per 32)")},
+    "MXFP4A16": {"streamed": True, "bits": 4, "min_cc": 10.0, "eval": _W16.format(w="MXFP4 (E2M1, E8M0 scales per 32)")},
     # MXFP4 weights and activations
-    "MXFP4": {"bits": 4, "min_cc": 10.0, "eval": "weights: stored MXFP4 dequantized exactly; input activations: "
+    "MXFP4": {"streamed": True, "bits": 4, "min_cc": 10.0, "eval": "weights: stored MXFP4 dequantized exactly; input activations: "
               "MXFP4 (E8M0 scales per 32, dynamic) simulated in fp32"},
 }
+# "streamed": evaluated a layer at a time from the files (W8A8's int-quantized format is loaded
+# whole: see _WHOLE_MODEL_FORMATS).
 # Schemes whose activation quantization needs observed ranges (static or global scales).
 CALIBRATED_ACTIVATIONS = ("FP8", "NVFP4")
 # Schemes whose weight group size a recipe may set (the FP4 formats fix theirs: 16 or 32).
@@ -307,6 +309,13 @@ class LLMCompressorBackend(Quantizer):
         for module in _quantized(model):
             _exact_fp32(module)
         return _simulate_activations(model.eval())
+
+    def memory(self, variant: Any) -> dict[str, str | None]:
+        if variant.entrypoint == "model_free":
+            quantize = "shard"
+        else:  # calibrated work runs in fp32 (see the module docstring), data-free in the stored dtype
+            quantize = "whole-fp32" if variant.needs_calibration() else "whole-stored"
+        return {"quantize": quantize, "evaluate": "streamed" if SCHEMES[variant.scheme]["streamed"] else "whole-fp32"}
 
     def scores(self, path: Path, windows, device: str, scratch: Path) -> Iterator:
         """Layer by layer from the files: each quantized layer's stored tensors are decompressed by

@@ -191,14 +191,18 @@ def run(
             reporter.warn(unwritable.render())
         raise
 
-    baseline = report.outcomes["baseline"].result
-    table = Table(title=f"{prepared.loaded.recipe.name} (baseline PPL {baseline['ppl']:.3f}, "
-                        f"{baseline['tokens_scored']} tokens)")
+    baseline = report.outcomes["baseline"]
+    measured = "" if baseline.status == Status.NEEDS else (
+        f" (baseline PPL {baseline.result['ppl']:.3f}, {baseline.result['tokens_scored']} tokens)")
+    table = Table(title=f"{prepared.loaded.recipe.name}{measured}")
     for col in ("variant", "size MB", "PPL", "PPL ratio", "mean KLD", "p99 KLD", "top-1", "gate"):
         table.add_column(col, justify="left" if col in ("variant", "gate") else "right", no_wrap=True)
     failures: list[str] = []
     published: list[str] = []
     for variant in prepared.loaded.recipe.variants:
+        if report.outcomes[f"gate/{variant.name}"].status == Status.NEEDS:  # listed below with what it needs
+            table.add_row(variant.name, *["-"] * 6, "not built")
+            continue
         quant = report.outcomes[f"quantize/{variant.name}"].result
         m = report.outcomes[f"evaluate/{variant.name}"].result["metrics"]
         gate = report.outcomes[f"gate/{variant.name}"].result

@@ -20,6 +20,7 @@ from pipeline.cache.store import CacheStore, Entry
 from pipeline.errors import Interrupted, ModelbuildError, StageError, StageSkipped
 from pipeline.executors.memory import Peak, PeakMemory
 from pipeline.hardware import missing
+from pipeline.memory import shortfall
 from pipeline.stages import runner
 from pipeline.stages.base import Stage
 from pipeline.stages.context import RunContext, StageInput
@@ -200,6 +201,12 @@ def run_stage(ctx: RunContext, store: CacheStore, stage: Stage, inputs: dict[str
         if entry is not None:
             return Outcome(stage, Status.CACHED, entry.result, time.perf_counter() - started, entry)
         lacking = missing(stage.hints.requires)
+        checkpoint = inputs.get("checkpoint")
+        # Refused before it starts rather than killed halfway by the kernel (pipeline.memory).
+        short = shortfall(stage.hints.memory_model, checkpoint.entry.data if checkpoint and checkpoint.entry else None,
+                          stage.id)
+        if short:
+            lacking.append(short)
         if lacking:
             return Outcome(stage, Status.NEEDS, {"needs": lacking}, 0.0)
         if progress is not None:
@@ -238,11 +245,11 @@ def _hold_for_tests(stage_id: str) -> None:
 
 def describe(outcome: Outcome) -> str:
     """The stage's line in the run's output (rich markup)."""
-    if outcome.stage.kind == "gate":
-        return "passed" if outcome.result["passed"] else "[red]FAILED[/red]"
-    if outcome.status == Status.NEEDS:
+    if outcome.status == Status.NEEDS:  # any kind, a gate included: its evaluation was not built
         return "[yellow]not built[/yellow] (needs " + "; ".join(outcome.result["needs"]) + ")" \
             if "blocked_by" not in outcome.result else f"[yellow]not built[/yellow] (waits for {outcome.result['blocked_by']})"
+    if outcome.stage.kind == "gate":
+        return "passed" if outcome.result["passed"] else "[red]FAILED[/red]"
     if outcome.status == Status.SKIPPED:
         return f"skipped ({outcome.result['reason']})"
     if outcome.stage.kind in ("publish", "publish_engine"):

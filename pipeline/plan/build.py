@@ -104,7 +104,7 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, sto
         inputs={"checkpoint": "fetch"},
         tools=EVAL_TOOLS,
         version=VERSIONS["baseline"],
-        hints=Hints(uses_gpu=True),
+        hints=Hints(uses_gpu=True, memory_model="streamed"),
     )
     stages += [fetch, baseline]
 

@@ -77,7 +77,7 @@ def standard_stages(backend, variant, planning: Planning) -> list[Stage]:
         variant=name,
         tools=backend.tools,
         version=VERSIONS["quantize"],
-        hints=Hints(uses_gpu=True),
+        hints=Hints(uses_gpu=True, memory_model=backend.memory(variant)["quantize"]),
     )
     evaluate = Stage.wired(
         id=f"evaluate/{name}",
@@ -87,7 +87,7 @@ def standard_stages(backend, variant, planning: Planning) -> list[Stage]:
         variant=name,
         tools=tuple(sorted(set(EVAL_TOOLS) | set(backend.tools))),
         version=VERSIONS["evaluate"],
-        hints=Hints(uses_gpu=True),
+        hints=Hints(uses_gpu=True, memory_model=backend.memory(variant)["evaluate"]),
     )
     gate = Stage.wired(
         id=f"gate/{name}",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,10 @@ from pipeline.errors import StageError
 # Above this, the windows' hidden states live in a file-backed buffer (page cache, not anonymous
 # memory): 8 windows of 512 tokens of an 8B model (hidden 4096) take 64 MiB.
 HIDDEN_BUFFER_BYTES = 1 << 30
+
+
+_SLICE_BYTES = 64 << 20
+FILE_BACKED_BYTES = 256 << 20
 
 
 class _Stop(Exception):
@@ -51,17 +56,20 @@ class StreamedWeights:
     they are removed so that a layer is read once for all windows.
     """
 
-    def __init__(self, model, dtype, load_module: Callable[[Any, dict[str, Any], str], bool] | None = None):
+    def __init__(self, model, dtype, load_module: Callable[[Any, dict[str, Any], str], bool] | None = None,
+                 scratch: Path | None = None):
         """
         Args:
             model: loaded with offloaded modules (their parameters on ``meta``).
             dtype: the compute dtype floating-point parameters are materialised in.
             load_module: ``(module, stored tensors by local name, device) -> handled``.
+            scratch: where the largest materialised tensors are file-backed (``_empty``).
         """
         from accelerate.hooks import remove_hook_from_submodules
 
         self.model = model
         self.dtype = dtype
+        self.scratch = scratch
         self.load_module = load_module
         self.params: dict[str, list[tuple[str, Any]]] = {}  # module name -> [(parameter, weights map)]
         self.stored: dict[str, dict[str, tuple[str, str]]] = {}  # module name -> local name -> (file, key)
@@ -77,6 +85,10 @@ class StreamedWeights:
                 if "safetensors_file" in info:
                     self.stored.setdefault(owner, {})[local] = (info["safetensors_file"], info.get("weight_name", key))
         remove_hook_from_submodules(model)
+        for module in model.modules():  # what stays in memory, in the compute dtype
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if tensor.device.type != "meta" and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
 
     def load(self, prefix: str, device: str) -> None:
         """Materialise every offloaded parameter of the module ``prefix`` (a qualified name)."""
@@ -92,11 +104,15 @@ class StreamedWeights:
                         stored[local] = f.get_tensor(key)
                 if self.load_module(module, stored, device):
                     continue
+            stored_here = self.stored.get(qualified, {})
             for name, weights in entries:
-                value = weights[name]
-                if value.is_floating_point():  # a pre-quantized checkpoint's index keeps stored dtypes
-                    value = value.to(self.dtype)
-                set_module_tensor_to_device(module, name, device, value=value)
+                if name in stored_here:
+                    value = _read(*stored_here[name], self.dtype, self.scratch if device == "cpu" else None)
+                else:  # converted on load (fused MoE experts): from transformers' offload folder
+                    value = weights[name]
+                    if value.is_floating_point():
+                        value = value.to(self.dtype)
+                set_module_tensor_to_device(module, name, device, value=value, dtype=value.dtype)
 
     def release(self, prefix: str) -> None:
         """Every parameter of the module ``prefix`` back to meta (whatever ``load`` made of them)."""
@@ -109,6 +125,46 @@ class StreamedWeights:
 
     def _under(self, prefix: str):
         return [(q, e) for q, e in self.params.items() if q == prefix or q.startswith(prefix + ".")]
+
+
+def _read(file: str, key: str, dtype, scratch: Path | None = None):
+    """One stored tensor, floating point cast to ``dtype`` a slice at a time: the peak is the
+    result plus one slice, not the result plus the whole stored tensor (an 8B model's embedding
+    is 1 GB in bf16, 2 GB in fp32). A result above ``FILE_BACKED_BYTES`` lives in a file in
+    ``scratch`` (see ``_empty``)."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        stored = f.get_slice(key)
+        shape = stored.get_shape()
+        if stored.get_dtype() not in ("BF16", "F16", "F32", "F64"):
+            return f.get_tensor(key)  # integers, FP8: as stored
+        if not shape:
+            return f.get_tensor(key).to(dtype)
+        out = _empty(shape, dtype, scratch)
+        rows = max(1, _SLICE_BYTES // max(1, out[0].numel() * 4))
+        for start in range(0, shape[0], rows):
+            out[start : start + rows] = stored[start : start + rows]
+        return out
+
+
+def _empty(shape, dtype, scratch: Path | None):
+    """An uninitialised tensor; above ``FILE_BACKED_BYTES`` (embeddings and ``lm_head`` of large
+    vocabularies, the largest tensors of most models), mapped from an unlinked file in
+    ``scratch``: its pages are then page cache the kernel can write back and drop under a memory
+    limit, not anonymous memory it cannot, and the file is gone with the last reference."""
+    import torch
+
+    numel = math.prod(shape)
+    if scratch is None or numel * torch.empty((), dtype=dtype).element_size() <= FILE_BACKED_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    fd, name = tempfile.mkstemp(dir=scratch, prefix="tensor-")
+    try:
+        tensor = torch.from_file(name, shared=True, size=numel, dtype=dtype).view(shape)
+    finally:
+        os.close(fd)
+        os.unlink(name)  # the mapping keeps the pages; nothing is left on disk after it
+    return tensor
 
 
 def load_offloaded(path: Path, *, dtype, device: str, offload_folder: Path,
@@ -143,9 +199,12 @@ def load_offloaded(path: Path, *, dtype, device: str, offload_folder: Path,
         if owns and not any(name == o or name.startswith(o + ".") for o in offloaded):
             device_map[name] = device
     del skeleton
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map,
+    # Loaded in the stored dtype: asked for another, transformers reads every offloaded tensor
+    # whole to convert it (the largest twice over, at once). The layers are cast as they are
+    # materialised; what stays in memory (norms, rotary tables) by StreamedWeights.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map,
                                                  offload_folder=str(offload_folder), **kwargs)
-    return model, StreamedWeights(model, dtype, load_module)
+    return model, StreamedWeights(model, dtype, load_module, scratch=offload_folder)
 
 
 def streamed_logprobs(model, windows, device: str, weights: StreamedWeights | None = None, *,

@@ -17,6 +17,8 @@ class Hints:
         uses_gpu: runs faster on a GPU when one is present (falls back to CPU).
         needs_gpu: cannot run without one (e.g. an engine build).
         memory_gb: rough peak host memory, when known.
+        memory_model: how the stage holds the model it reads (``pipeline.memory.MODELS``): its
+            host-memory need is computed from that checkpoint before it is built.
         requires: what the machine must have, checked before the stage runs
             (``pipeline.hardware``): ``gpu:sm90`` (an NVIDIA GPU of that architecture),
             ``tensorrt_llm`` (a Python that imports TensorRT-LLM).
@@ -25,6 +27,7 @@ class Hints:
     uses_gpu: bool = False
     needs_gpu: bool = False
     memory_gb: float | None = None
+    memory_model: str | None = None
     requires: tuple[str, ...] = ()
 
 
