@@ -35,7 +35,7 @@ from pipeline.errors import RecipeError
 from pipeline.recipe.variants import VariantBase, check_regex
 from pipeline.toolchains import llamacpp as toolchain
 from pipeline.toolchains.gguf_reader import gguf_file
-from pipeline.toolchains.llamacpp_tools import supported_architectures
+from pipeline.toolchains.llamacpp_tools import supported_architectures, vocabulary_refusal
 
 EVALUATION = ("llama.cpp's own forward pass on the CPU (llama-cpp-python over the pinned llama.cpp, all "
               "logits): weights and activations exactly as a llama.cpp replica computes them")
@@ -151,6 +151,15 @@ class LlamaCppBackend(Backend):
                 f"(llama.cpp {chain.commit[:7]}, llama-cpp-python {toolchain.BINDINGS_VERSION})",
                 field="type", fix="drop the GGUF variants or use a model llama.cpp supports",
             )
+        folder = Path(getattr(model_config, "_name_or_path", "") or ".")
+        if architectures and (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+            # A byte-level BPE vocabulary the converter may not know (SentencePiece ones it reads
+            # from tokenizer.model as they are), in a checkpoint at hand (a local source or a
+            # cached fetch): refused now rather than after the baseline and the other variants.
+            refusal = vocabulary_refusal(folder)
+            if refusal is not None:
+                raise RecipeError(f"GGUF {variant.type} of {', '.join(architectures)}: {refusal}", field="type",
+                                  fix="drop the GGUF variants or give the model a tokenizer llama.cpp's converter knows")
 
     def load_for_eval(self, path: Path, device: str) -> Any:
         return LlamaEval(gguf_file(path))

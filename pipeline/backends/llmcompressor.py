@@ -35,7 +35,13 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.backends.base import FormatInfo, Quantizer
-from pipeline.backends.shapes import config_dtype, linear_input_widths, weight_owners
+from pipeline.backends.shapes import (
+    architecture,
+    config_dtype,
+    fused_experts,
+    linear_input_widths,
+    weight_owners,
+)
 from pipeline.backends.simulated_activations import (
     SharedInputQDQ,
     input_hook,
@@ -204,11 +210,13 @@ class LLMCompressorBackend(Quantizer):
         )
 
     def check_variant(self, variant: Any, model_config: Any) -> None:
-        """The installed compressed-tensors has the scheme; its grouping fits every targeted layer.
+        """The installed compressed-tensors has the scheme; the checkpoint can be evaluated; its
+        grouping fits every targeted layer.
 
         Raises:
-            RecipeError: naming the scheme or the first layer whose input width the group size
-                does not divide, with a group size that would fit.
+            RecipeError: naming the scheme, or the architecture whose checkpoint cannot be loaded
+                back, or the first layer whose input width the group size does not divide, with a
+                group size that would fit.
         """
         from pipeline.errors import RecipeError
 
@@ -224,6 +232,19 @@ class LLMCompressorBackend(Quantizer):
                 field="scheme",
                 fix=f"choose one of {', '.join(sorted(set(SCHEMES) & set(PRESET_SCHEMES)))}",
             )
+        if model_config is not None:
+            experts = fused_experts(model_config)
+            if experts:
+                # llm-compressor unfuses the experts to quantize them (its linearized MoE) and saves
+                # them per expert; transformers, which evaluation loads them with, refuses such a
+                # compressed checkpoint for its fused experts (measured: transformers 5.14.1,
+                # Qwen3-MoE and Mixtral), so the run would fail at evaluation.
+                raise RecipeError(
+                    f"llm-compressor {variant.scheme} of the mixture-of-experts architecture "
+                    f"{architecture(model_config)}: transformers {_version('transformers')} cannot load its "
+                    f"per-expert compressed checkpoint back into {', '.join(experts)} for evaluation",
+                    field="scheme", fix="use backend llamacpp (GGUF) for this model",
+                )
         weights = preset_name_to_scheme(variant.scheme, list(variant.targets)).weights
         group = variant.group_size or (weights.group_size if weights is not None else None)
         if not group or model_config is None:

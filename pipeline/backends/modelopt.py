@@ -30,7 +30,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.backends.base import FormatInfo, Quantizer
-from pipeline.backends.shapes import config_dtype, linear_input_widths, meta_model
+from pipeline.backends.shapes import architecture as architecture_of
+from pipeline.backends.shapes import config_dtype, fused_experts, linear_input_widths
 from pipeline.errors import RecipeError, StageError
 from pipeline.hardware import check_parallelism, compute_capability, known_gpu
 from pipeline.recipe.variants import Strict, VariantBase
@@ -227,7 +228,7 @@ class ModelOptBackend(Quantizer):
             if reason:
                 raise RecipeError(f"engine for {spec.gpu}: {reason}", field=f"engines.{i}.tp",
                                   fix="choose a tp that divides the attention heads")
-        architecture = (getattr(model_config, "architectures", None) or [type(meta_model(model_config)).__name__])[0]
+        architecture = architecture_of(model_config)
         # ModelOpt's export names the model families it knows by a substring of the class name
         # (its own get_model_type); anything else has no export (nor a TensorRT-LLM model).
         if not any(key.lower() in architecture.lower() for key in MODEL_NAME_TO_TYPE):
@@ -235,6 +236,16 @@ class ModelOptBackend(Quantizer):
                 f"ModelOpt {_version()} cannot export architecture {architecture} (not among the model "
                 f"families its exporter knows)", field="qformat",
                 fix="use another backend for this model (llmcompressor or llamacpp)",
+            )
+        experts = fused_experts(model_config)
+        if experts:
+            # ModelOpt exports the experts one by one (its per-expert Hugging Face layout); the
+            # evaluation loads the export into transformers' fused experts, which have no such
+            # tensors (measured: ModelOpt 0.47, transformers 5.14.1, Qwen3-MoE and Mixtral).
+            raise RecipeError(
+                f"ModelOpt {variant.qformat} of the mixture-of-experts architecture {architecture}: its per-expert "
+                f"export cannot be loaded back into transformers {_tool('transformers')}'s {', '.join(experts)} "
+                "for evaluation", field="qformat", fix="use backend llamacpp (GGUF) for this model",
             )
         if variant.qformat == "int4_awq":
             block = variant.awq_block_size or _preset_block_size(mtq, preset)
@@ -350,9 +361,13 @@ def _import_modelopt():
 
 
 def _version() -> str:
+    return _tool("nvidia-modelopt")
+
+
+def _tool(dist: str) -> str:
     from pipeline.toolchains import tool_version
 
-    return tool_version("nvidia-modelopt")
+    return tool_version(dist)
 
 
 @contextlib.contextmanager

@@ -46,6 +46,20 @@ def weight_owners(config) -> set[str]:
     return {name.rsplit(".", 1)[0] for name, _p in model.named_parameters() if name.endswith(".weight")}
 
 
+def fused_experts(config) -> list[str]:
+    """Class names of the modules that hold mixture-of-experts weights as stacked (3-D) tensors,
+    as transformers 5 builds every MoE family (``Qwen3MoeExperts``, ``MixtralExperts``, ...);
+    empty for a dense model."""
+    model = meta_model(config)
+    return sorted({type(m).__name__ for m in model.modules()
+                   if any(p.dim() >= 3 for p in m.parameters(recurse=False))})
+
+
+def architecture(config) -> str:
+    """The model class a config names (``LlamaForCausalLM``), for messages."""
+    return (getattr(config, "architectures", None) or [type(meta_model(config)).__name__])[0]
+
+
 def config_dtype(folder: Path):
     """The checkpoint's storage dtype from its ``config.json`` (float32 when unset)."""
     import torch

@@ -180,7 +180,7 @@ def _check_targets(recipe, loaded) -> None:
 
 
 # Bump when backends' plan-time checks change, so remembered passes are checked again.
-CHECKS_VERSION = 2
+CHECKS_VERSION = 3
 
 
 def _check_variants(loaded: LoadedRecipe, resolved: ResolvedSource, store: CacheStore | None) -> None:

@@ -97,6 +97,7 @@ def materialize(source, resolved: ResolvedSource, out_dir: Path) -> dict:
     except (ValueError, KeyError, RuntimeError) as e:
         raise SourceError(f"transformers cannot import this GGUF: {e}", where=where) from None
 
+    _check_experts(fields, loaded, where)
     dtype = getattr(torch, source.dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -129,6 +130,24 @@ def materialize(source, resolved: ResolvedSource, out_dir: Path) -> dict:
                       "sentencepiece_model": (out_dir / "tokenizer.model").is_file(),
                       "matches_llama_cpp": {k: check[k] for k in ("texts", "tokens", "mismatches")}},
     }
+
+
+def _check_experts(fields, loaded, where: str) -> None:
+    """Refuse a mixture-of-experts file that transformers imports as a dense model.
+
+    A Mixtral GGUF is llama.cpp's ``llama`` architecture with experts; transformers maps it to a
+    dense ``LlamaForCausalLM``, skips the expert tensors and initialises a dense MLP at random,
+    without an error (seen: transformers 5.14.1).
+    """
+    arch = _value(fields, "general.architecture")
+    experts = _value(fields, f"{arch}.expert_count") or 0
+    config = loaded.config
+    if experts and not any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise SourceError(
+            f"a mixture-of-experts GGUF ({arch}, {experts} experts) that transformers imports as the dense "
+            f"{type(loaded).__name__}, dropping its experts", where=where,
+            fix="use the model's Hugging Face checkpoint (source kind hub or local)",
+        )
 
 
 def _fields(path: Path, where: str):

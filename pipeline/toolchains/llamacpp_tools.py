@@ -72,6 +72,42 @@ def convert(checkpoint: Path, out_file: Path, outtype: str, metadata: dict[str, 
         shutil.rmtree(work, ignore_errors=True)
 
 
+# A checkpoint's files that decide how the converter maps its vocabulary.
+_VOCAB_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                "merges.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+def vocabulary_refusal(checkpoint: Path) -> str | None:
+    """Why llama.cpp's converter cannot map this checkpoint's tokenizer, or None when it can.
+
+    The converter itself decides (``--vocab-only``, a few seconds): a byte-level BPE vocabulary
+    is mapped only when the hash of its ids on the converter's test text is in its table, which
+    also depends on the tokenizer class transformers picks for the architecture. Remembered per
+    toolchain by the digest of the files that decide it.
+    """
+    import hashlib
+    import tempfile
+
+    chain = toolchain.find()
+    h = hashlib.sha256()
+    for name in _VOCAB_FILES:
+        if (checkpoint / name).is_file():
+            h.update(name.encode() + b"\0" + (checkpoint / name).read_bytes())
+    memo = chain.root / "vocab-checks" / h.hexdigest()
+    if memo.is_file():
+        return json.loads(memo.read_text())["refusal"]
+    with tempfile.TemporaryDirectory(prefix="vocab-check-") as tmp:
+        proc = subprocess.run(
+            [sys.executable, str(chain.converter), str(checkpoint), "--vocab-only", "--outfile", str(Path(tmp) / "v.gguf")],
+            env=chain.converter_env(), capture_output=True, text=True, check=False)
+    refusal = _converter_failure(f"{proc.stdout}\n{proc.stderr}") if proc.returncode else None
+    if proc.returncode and refusal is None:
+        return None  # not a vocabulary the converter refuses: the conversion stage reports it
+    memo.parent.mkdir(exist_ok=True)
+    memo.write_text(json.dumps({"refusal": refusal}))
+    return refusal
+
+
 def _converter_failure(output: str) -> str | None:
     chain = toolchain.find()
     version = f"llama.cpp {chain.commit[:7]}"
