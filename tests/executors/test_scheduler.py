@@ -253,7 +253,7 @@ def test_a_backend_that_declares_nothing_gets_the_standard_chain():
 
 
 @pytest.mark.parametrize("chain", ["standard", "gguf", "trtllm"])
-def test_every_planned_stage_gets_the_roles_its_runner_takes(tmp_path, tiny_model, wikitext, chain):
+def test_every_planned_stage_gets_the_roles_its_runner_takes(tmp_path, tiny_model, tiny_smol, wikitext, chain):
     """Each chain's planner wires every stage with its runner's roles and names its variant."""
     from pipeline.plan.build import build_plan
     from pipeline.recipe.load import load_recipe
@@ -263,7 +263,8 @@ def test_every_planned_stage_gets_the_roles_its_runner_takes(tmp_path, tiny_mode
 
     recipe = {
         "standard": lambda: write_recipe(tmp_path, tiny_model, wikitext),
-        "gguf": lambda: gguf_recipe(tmp_path, tiny_model, wikitext, "- name: q4\n  backend: llamacpp\n  type: Q4_K_M\n"
+        # a tokenizer llama.cpp's converter knows (planning asks it)
+        "gguf": lambda: gguf_recipe(tmp_path, tiny_smol, wikitext, "- name: q4\n  backend: llamacpp\n  type: Q4_K_M\n"
                                     "- name: bf\n  backend: llamacpp\n  type: BF16\n"),
         "trtllm": lambda: modelopt_recipe(tmp_path, tiny_model, wikitext, "- name: x\n  backend: modelopt\n"
                                           "  qformat: fp8\n  engines: [{gpu: H100}]\n"),
