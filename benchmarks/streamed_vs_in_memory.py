@@ -7,7 +7,7 @@ what it does now (``pipeline.quality.streamed``: one decoder layer materialised 
 from the checkpoint's files; ``Backend.scores`` for a variant). Load time included, runs
 interleaved and repeated, medians reported with the ratio (target <= 1.15x) and the largest
 difference between the two paths' log-probabilities (0 means identical figures). Then each path's
-peak resident memory, each in a child process of its own.
+peak resident memory (``VmHWM``), each in a child process of its own.
 
 Usage: python benchmarks/streamed_vs_in_memory.py --cache-dir D [--windows 8 --seq-len 512 --repeats 3]
 """
@@ -63,6 +63,10 @@ def child(args) -> None:
     config = json.loads((args.child_path / "config.json").read_text())
     windows = _windows(config["vocab_size"], args.windows, args.seq_len)
     (streamed if args.child == "streamed" else whole)(args.child_path, args.variant, windows)
+    # The process's own high-water mark: a child's ru_maxrss starts from its parent's (Linux keeps
+    # the pre-exec peak), which would report this benchmark's size, not the path's.
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    print(f"VmHWM {int(hwm.split()[1]) // 1024}")
 
 
 def main() -> None:
@@ -108,7 +112,7 @@ def main() -> None:
         for key in ("whole", "streamed"):
             cmd = [sys.executable, __file__, "--child", key, "--child-path", str(path), "--windows", str(args.windows),
                    "--seq-len", str(args.seq_len)] + (["--variant"] if variant else [])
-            rss[key] = measure(cmd)["rss_mb"]
+            rss[key] = int(measure(cmd)["stdout"].split("VmHWM ")[-1].split()[0])
         w, s = statistics.median(runs["whole"]), statistics.median(runs["streamed"])
         print(f"| {name} | {w:.2f} s | {s:.2f} s | {s / w:.2f}x | {diff:.1e} | {rss['whole']:.0f} MB | "
               f"{rss['streamed']:.0f} MB |", flush=True)

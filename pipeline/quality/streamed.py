@@ -95,24 +95,30 @@ class StreamedWeights:
         from accelerate.utils import set_module_tensor_to_device
         from safetensors import safe_open
 
-        for qualified, entries in self._under(prefix):
-            module = self.model.get_submodule(qualified)
-            if self.load_module is not None:
-                stored = {}
-                for local, (file, key) in self.stored.get(qualified, {}).items():
-                    with safe_open(file, framework="pt") as f:
-                        stored[local] = f.get_tensor(key)
-                if self.load_module(module, stored, device):
-                    continue
-            stored_here = self.stored.get(qualified, {})
-            for name, weights in entries:
-                if name in stored_here:
-                    value = _read(*stored_here[name], self.dtype, self.scratch if device == "cpu" else None)
-                else:  # converted on load (fused MoE experts): from transformers' offload folder
-                    value = weights[name]
-                    if value.is_floating_point():
-                        value = value.to(self.dtype)
-                set_module_tensor_to_device(module, name, device, value=value, dtype=value.dtype)
+        with contextlib.ExitStack() as files:
+            opened: dict[str, Any] = {}
+
+            def file(path: str):  # each file's header parsed once per layer, not once per tensor
+                if path not in opened:
+                    opened[path] = files.enter_context(safe_open(path, framework="pt"))
+                return opened[path]
+
+            for qualified, entries in self._under(prefix):
+                module = self.model.get_submodule(qualified)
+                stored_here = self.stored.get(qualified, {})
+                if self.load_module is not None:
+                    stored = {local: file(path).get_tensor(key) for local, (path, key) in stored_here.items()}
+                    if self.load_module(module, stored, device):
+                        continue
+                for name, weights in entries:
+                    if name in stored_here:
+                        path, key = stored_here[name]
+                        value = _read(file(path), key, self.dtype, self.scratch if device == "cpu" else None)
+                    else:  # converted on load (fused MoE experts): from transformers' offload folder
+                        value = weights[name]
+                        if value.is_floating_point():
+                            value = value.to(self.dtype)
+                    set_module_tensor_to_device(module, name, device, value=value, dtype=value.dtype)
 
     def release(self, prefix: str) -> None:
         """Every parameter of the module ``prefix`` back to meta (whatever ``load`` made of them)."""
@@ -127,25 +133,22 @@ class StreamedWeights:
         return [(q, e) for q, e in self.params.items() if q == prefix or q.startswith(prefix + ".")]
 
 
-def _read(file: str, key: str, dtype, scratch: Path | None = None):
-    """One stored tensor, floating point cast to ``dtype`` a slice at a time: the peak is the
-    result plus one slice, not the result plus the whole stored tensor (an 8B model's embedding
-    is 1 GB in bf16, 2 GB in fp32). A result above ``FILE_BACKED_BYTES`` lives in a file in
-    ``scratch`` (see ``_empty``)."""
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as f:
-        stored = f.get_slice(key)
-        shape = stored.get_shape()
-        if stored.get_dtype() not in ("BF16", "F16", "F32", "F64"):
-            return f.get_tensor(key)  # integers, FP8: as stored
-        if not shape:
-            return f.get_tensor(key).to(dtype)
-        out = _empty(shape, dtype, scratch)
-        rows = max(1, _SLICE_BYTES // max(1, out[0].numel() * 4))
-        for start in range(0, shape[0], rows):
-            out[start : start + rows] = stored[start : start + rows]
-        return out
+def _read(file, key: str, dtype, scratch: Path | None = None):
+    """One stored tensor of an open safetensors ``file``, floating point cast to ``dtype`` a slice
+    at a time: the peak is the result plus one slice, not the result plus the whole stored tensor
+    (an 8B model's embedding is 1 GB in bf16, 2 GB in fp32). A result above ``FILE_BACKED_BYTES``
+    lives in a file in ``scratch`` (see ``_empty``)."""
+    stored = file.get_slice(key)
+    shape = stored.get_shape()
+    if stored.get_dtype() not in ("BF16", "F16", "F32", "F64"):
+        return file.get_tensor(key)  # integers, FP8: as stored
+    if not shape:
+        return file.get_tensor(key).to(dtype)
+    out = _empty(shape, dtype, scratch)
+    rows = max(1, _SLICE_BYTES // max(1, out[0].numel() * 4))
+    for start in range(0, shape[0], rows):
+        out[start : start + rows] = stored[start : start + rows]
+    return out
 
 
 def _empty(shape, dtype, scratch: Path | None):
