@@ -211,8 +211,7 @@ def load_offloaded(path: Path, *, dtype, device: str, offload_folder: Path,
 
 
 def streamed_logprobs(model, windows, device: str, weights: StreamedWeights | None = None, *,
-                      scratch: Path | None = None, buffer_bytes: int = HIDDEN_BUFFER_BYTES,
-                      on_window: Callable[[int], None] | None = None) -> Iterator:
+                      scratch: Path | None = None, buffer_bytes: int = HIDDEN_BUFFER_BYTES) -> Iterator:
     """For each window, ``(logprobs [S-1, vocab] fp32, targets [S-1])`` on the CPU, computed layer
     by layer (see the module docstring); the same tuples as ``runner.window_logprobs``.
 
@@ -220,7 +219,6 @@ def streamed_logprobs(model, windows, device: str, weights: StreamedWeights | No
         model: a transformers causal LM; with ``weights``, its offloaded parameters are on meta.
         weights: where offloaded parameters come from (None: the model is in memory).
         scratch: folder for the hidden-state buffer when it exceeds ``buffer_bytes``.
-        on_window: called with each window's index once its logprobs are ready.
 
     Raises:
         StageError: the architecture's decoder layers do not map hidden states to hidden states.
@@ -232,7 +230,7 @@ def streamed_logprobs(model, windows, device: str, weights: StreamedWeights | No
     layers = _layers(model)
     names = {module: name for name, module in model.named_modules()}
     embed_in, embed_out = model.get_input_embeddings(), model.get_output_embeddings()
-    n, s = windows.shape
+    n = windows.shape[0]
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]  # per layer, per window: (args, kwargs)
     with contextlib.ExitStack() as stack, torch.no_grad():
         hidden = None
@@ -278,8 +276,6 @@ def streamed_logprobs(model, windows, device: str, weights: StreamedWeights | No
             final = hidden[w : w + 1].to(device)
             with _swapped(layers, functools.partial(_pass_through, last=len(layers) - 1, final=final)):
                 logits = model(inputs_embeds=torch.zeros_like(final), use_cache=False).logits[0]
-            if on_window is not None:
-                on_window(w)
             yield to_logprobs(logits), windows[w, 1:]
         _release(weights, names[embed_out])
 
