@@ -53,11 +53,11 @@ def test_tiny_folder_variants_fit_its_shapes(cli, tiny_model, tmp_path, texts):
     assert cli("validate", out)[0] == 0
 
 
-def test_tiny_recipe_plans(cli, tiny_model, tmp_path, texts):
+def test_tiny_recipe_plans(cli, tiny_smol, tmp_path, texts):
     """The backends' own plan-time checks (group sizes dividing every layer, ModelOpt's export,
-    llama.cpp's converter) accept what init chose."""
+    llama.cpp's converter, which must know the tokenizer: SmolLM2's) accept what init chose."""
     out = tmp_path / "tiny.yaml"
-    assert cli("init", tiny_model, "-o", out, *texts)[0] == 0
+    assert cli("init", tiny_smol, "-o", out, *texts)[0] == 0
     code, stdout, err = cli("plan", out)
     assert code == 0, err
     assert "quantize/w4a16-gptq" in stdout and "quantize/gguf-q4_k_m" in stdout
