@@ -134,20 +134,20 @@ def _safetensors_names(folder: Path) -> dict[str, str]:
     return names
 
 
-def _moe_only(matrix) -> None:
-    if not FAMILIES[matrix["family"]].moe:
-        pytest.skip("not a mixture-of-experts family")
+# The mixture-of-experts families' own matrix runs (the module's instances, shared with the tests above).
+MOE = [name for name, family in FAMILIES.items() if family.moe]
 
 
+@pytest.mark.parametrize("matrix", MOE, indirect=True)
 def test_moe_gguf_holds_experts_and_router(matrix):
     from pipeline.toolchains.gguf_reader import gguf_file, tensor_types
 
-    _moe_only(matrix)
     types = tensor_types(gguf_file(matrix["published"]["gguf-q8"]))
     for kind in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
         assert sum(f".{kind}." in t for t in types) == 2, (kind, sorted(types))  # one per layer
 
 
+@pytest.mark.parametrize("matrix", MOE, indirect=True)
 @pytest.mark.parametrize("backend", ["llmcompressor", "modelopt"])
 def test_moe_quantization_keeps_routers_out_and_quantizes_experts(matrix, backend, tmp_path):
     """What the libraries write for a mixture-of-experts model (their evaluation here is refused
@@ -157,7 +157,6 @@ def test_moe_quantization_keeps_routers_out_and_quantizes_experts(matrix, backen
 
     from pipeline.backends import get_backend
 
-    _moe_only(matrix)
     quantizer = get_backend(backend)
     fields = {"scheme": "FP8_DYNAMIC"} if backend == "llmcompressor" else {"qformat": "fp8"}
     variant = quantizer.variant(name="q", backend=backend, **fields)
