@@ -120,6 +120,14 @@ class MemoryCgroup:
         self.close()
 
 
+def cgroup_unavailable() -> str | None:
+    """Why no memory cgroup can be made here (None: one can): a test's skip condition, decided
+    by making and removing one."""
+    probe = MemoryCgroup(1 << 30, name=f"modelbuild-probe-{os.getpid()}")
+    probe.close()
+    return None if probe.enforced else probe.reason
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text().strip()

@@ -9,8 +9,11 @@ import sys
 
 import pytest
 
+from benchmarks._common import cgroup_unavailable
 from pipeline import memory
 from tests.conftest import REPO
+
+NO_CGROUP = cgroup_unavailable()
 
 
 @pytest.fixture
@@ -61,12 +64,12 @@ def test_shortfall_names_the_stage_the_need_and_the_host(checkpoint, monkeypatch
     assert memory.shortfall("streamed", checkpoint / "missing", "baseline") is None  # not safetensors
 
 
+@pytest.mark.skipif(bool(NO_CGROUP), reason=f"no memory cgroup can be made here: {NO_CGROUP}")
 def test_host_memory_is_the_cgroup_limit_inside_one():
     from benchmarks._common import MemoryCgroup
 
     cgroup = MemoryCgroup(3 << 30)
-    if not cgroup.enforced:
-        pytest.skip(f"no memory cgroup can be made here: {cgroup.reason}")
+    assert cgroup.enforced, cgroup.reason
     code = "import json; from pipeline.memory import host_memory; print(json.dumps(host_memory()))"
     with cgroup:
         done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

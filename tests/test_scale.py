@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._common import MemoryCgroup, evict_from_page_cache
+from benchmarks._common import MemoryCgroup, cgroup_unavailable, evict_from_page_cache
 from tests.conftest import REPO, modelbuild_cmd
 
-pytestmark = pytest.mark.slow
+NO_CGROUP = cgroup_unavailable()
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(bool(NO_CGROUP), reason=f"no memory limit can be enforced here: {NO_CGROUP}")]
 
 LIMIT = 2 << 30  # 2 GiB, page cache included; the checkpoint is 2.47 GB
 # llama.cpp's converter holds its largest tensor several times over (this shape's 262M-value
@@ -65,11 +67,9 @@ def scale_recipe(folder: Path, checkpoint: Path, wikitext: Path, *, gguf: bool) 
 def build_under_limit(root: Path, checkpoint: Path, wikitext: Path, limit: int, *, gguf: bool) -> dict:
     """``modelbuild run`` of the scale recipe in a fresh memory cgroup of ``limit`` bytes.
 
-    Returns ``{"code", "stderr", "summary", "cgroup_peak", "oom_kills"}``; skips the test when no
-    cgroup can be made."""
+    Returns ``{"code", "stderr", "summary", "cgroup_peak", "oom_kills"}``."""
     cgroup = MemoryCgroup(limit)
-    if not cgroup.enforced:
-        pytest.skip(f"no memory limit can be enforced here: {cgroup.reason}")
+    assert cgroup.enforced, cgroup.reason
     recipe = scale_recipe(root, checkpoint, wikitext, gguf=gguf)
     reports = root / "reports"
     evict_from_page_cache(checkpoint)
