@@ -172,6 +172,44 @@ def measure(cmd: list[str]) -> dict:
             "stderr": out["stderr"].decode()}
 
 
+def run_sampled(cmd: list[str], cgroup: MemoryCgroup | None = None, env: dict[str, str] | None = None) -> dict:
+    """One command in ``cgroup`` (if given): wall time, peak resident memory (``wait4``; it counts
+    memory-mapped file pages, which the kernel drops under a limit instead of failing), peak
+    anonymous memory (sampled every 0.1 s), the cgroup's peak, exit status, output.
+
+    Returns bytes as ``rss_mb``/``anon_mb``/``cgroup_mb`` (MiB) and ``stderr`` (its last 2,000
+    characters); never exits on failure (the callers show a limit's kill).
+    """
+    if cgroup is not None:
+        cgroup.reset_peak()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=cgroup.join if cgroup is not None else None)
+    out: dict[str, bytes] = {}
+    threads = [threading.Thread(target=lambda n=n, s=s: out.__setitem__(n, s.read())) for n, s in
+               (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for t in threads:
+        t.start()
+    anon = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    anon = max(anon, int(line.split()[1]) * 1024)
+        time.sleep(0.1)
+    wall = time.perf_counter() - start
+    for t in threads:
+        t.join()
+    peak = cgroup.peak() if cgroup is not None else None
+    return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "anon_mb": anon / 2**20,
+            "cgroup_mb": None if peak is None else peak / 2**20, "exit": os.waitstatus_to_exitcode(status),
+            "stdout": out.get("stdout", b"").decode(errors="replace"),
+            "stderr": out.get("stderr", b"").decode(errors="replace")[-2000:]}
+
+
 def single_variant_recipe(recipe: Path, name: str, folder: Path) -> Path:
     """The recipe reduced to one variant (relative corpus paths made absolute), written to ``folder``."""
     import yaml

@@ -31,11 +31,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from _common import REPO, MemoryCgroup, evict_from_page_cache
+from _common import REPO, MemoryCgroup, evict_from_page_cache, run_sampled
 
 
 def make_checkpoint(folder: Path) -> int:
@@ -45,33 +44,6 @@ def make_checkpoint(folder: Path) -> int:
     from pipeline.sources import synthetic
 
     return synthetic.write("llama-3.2-3b", folder, max_shard_bytes=1 << 30)["bytes"]
-
-
-def run(cmd: list[str], cgroup: MemoryCgroup) -> dict:
-    """Wall time, peak anonymous memory (sampled), cgroup peak and exit status of one command."""
-    cgroup.reset_peak()
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=cgroup.join)
-    out = {}
-    threads = [threading.Thread(target=lambda n=n, s=s: out.__setitem__(n, s.read())) for n, s in
-               (("stdout", proc.stdout), ("stderr", proc.stderr))]
-    for t in threads:
-        t.start()
-    peak_anon = 0
-    while proc.poll() is None:
-        try:
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
-        except OSError:
-            pass
-        time.sleep(0.05)
-    wall = time.perf_counter() - start
-    for t in threads:
-        t.join()
-    cgroup_peak = cgroup.peak()
-    return {"wall_s": wall, "anon_mb": peak_anon / 2**20, "cgroup_mb": None if cgroup_peak is None else cgroup_peak / 2**20,
-            "exit": proc.returncode, "stderr": out.get("stderr", b"").decode(errors="replace")[-1500:]}
 
 
 FLOOR = """
@@ -151,20 +123,20 @@ def main() -> None:
         free_out = work / "out-model-free"
         shutil.rmtree(free_out, ignore_errors=True)
         evict_from_page_cache(src)
-        quant = run([sys.executable, "-c", QUANTIZE, str(src), str(free_out), "model_free", args.device], cgroup)
+        quant = run_sampled([sys.executable, "-c", QUANTIZE, str(src), str(free_out), "model_free", args.device], cgroup)
         if quant["exit"] != 0:
             sys.exit(f"model-free quantize failed ({quant['exit']}):\n{quant['stderr']}")
         out_bytes = folder_bytes(free_out)
         floor_dir = work / "floor"
         evict_from_page_cache(src)
-        floor = run([sys.executable, "-c", FLOOR, str(src), str(floor_dir), str(out_bytes)], cgroup)
+        floor = run_sampled([sys.executable, "-c", FLOOR, str(src), str(floor_dir), str(out_bytes)], cgroup)
         shutil.rmtree(floor_dir, ignore_errors=True)
         oneshot = None
         if not args.skip_oneshot:
             one_out = work / "out-oneshot"
             shutil.rmtree(one_out, ignore_errors=True)
             evict_from_page_cache(src)
-            oneshot = run([sys.executable, "-c", QUANTIZE, str(src), str(one_out), "oneshot", args.device], cgroup)
+            oneshot = run_sampled([sys.executable, "-c", QUANTIZE, str(src), str(one_out), "oneshot", args.device], cgroup)
             shutil.rmtree(one_out, ignore_errors=True)
     finally:
         cgroup.close()

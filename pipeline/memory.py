@@ -13,8 +13,13 @@ parameters; ``T``: its largest tensor; ``L``: its largest decoder layer; 4 bytes
 - ``streamed``: one layer at a time in fp32 (``pipeline.quality.streamed``):
   ``R + 1.1 x 4 x max(T, L)`` (the tenth covers a layer's stored form and the windows'
   activations at the default evaluation sizes).
-- ``whole-fp32``: the whole model in fp32 (calibrated llm-compressor runs, ModelOpt, evaluation of
-  formats not read layer by layer): ``R + 1.1 x 4 x N``.
+- ``layered``: the whole model in its stored dtype, one layer at a time computed in fp32 with
+  GPTQ's Hessians (calibrated llm-compressor runs: its sequential pipeline): ``R + 1.1 x (stored
+  bytes + 4 x (2 L + H))``, ``H``: the sum of squared input widths of the largest layer's
+  matrices (one Hessian each); the two layer copies are the fp32 view the pipeline keeps onloaded
+  and the fp32 values the modifiers write.
+- ``whole-fp32``: the whole model in fp32 (ModelOpt, evaluation of formats not read layer by
+  layer): ``R + 1.1 x 4 x N``.
 - ``whole-stored``: the whole model in its stored dtype (data-free llm-compressor ``oneshot``):
   ``R + 1.1 x stored bytes``.
 - ``shard``: one safetensors file and its quantized output (llm-compressor's ``model_free``):
@@ -22,7 +27,8 @@ parameters; ``T``: its largest tensor; ``L``: its largest decoder layer; 4 bytes
 
 Calibrated on a Llama-3.2-1B-shaped checkpoint (``tests/test_scale.py``): its baseline, FP8
 evaluation and ``model_free`` quantization (600 MB files) complete inside a 2 GiB memory cgroup,
-where the models say 1.76, 1.76 and 1.8 GB.
+where the models say 1.76, 1.76 and 1.8 GB; its W4A16 GPTQ peaked at 4.19 GB of anonymous memory
+where ``layered`` says 4.26 (``benchmarks/calibrated_at_scale.py``).
 
 Stages whose work is memory-mapped by llama.cpp (conversion, imatrix, GGUF evaluation) declare no
 model: their resident pages are file pages the kernel can drop.
@@ -40,7 +46,7 @@ from pathlib import Path
 # Measured: 0.40 GB anonymous memory once torch, transformers, accelerate and llm-compressor are
 # imported; the rest is the run's own heap (tokenizer, reference, plan).
 RUNTIME_BYTES = 600_000_000
-MODELS = ("streamed", "whole-fp32", "whole-stored", "shard")
+MODELS = ("streamed", "layered", "whole-fp32", "whole-stored", "shard")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _ITEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "U32": 4, "U16": 2}
@@ -56,6 +62,8 @@ class Tensors:
         largest_tensor: values of the largest tensor.
         largest_layer: values of the largest decoder layer (all tensors under ``layers.<i>.``).
         largest_file: bytes of the largest safetensors file.
+        largest_hessians: the largest, over decoder layers, of the sum of squared input widths of
+            the layer's matrices (values of the GPTQ Hessians of one layer).
     """
 
     values: int
@@ -63,6 +71,7 @@ class Tensors:
     largest_tensor: int
     largest_layer: int
     largest_file: int
+    largest_hessians: int = 0
 
 
 def tensors(folder: Path) -> Tensors | None:
@@ -72,6 +81,7 @@ def tensors(folder: Path) -> Tensors | None:
         return None
     values = stored = largest = largest_file = 0
     layers: dict[int, int] = {}
+    hessians: dict[int, int] = {}
     for file in files:
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
@@ -88,14 +98,20 @@ def tensors(folder: Path) -> Tensors | None:
             largest = max(largest, count)
             match = _LAYER.search("." + name)
             if match:
-                layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + count
-    return Tensors(values, stored, largest, max(layers.values(), default=0), largest_file)
+                index = int(match.group(1))
+                layers[index] = layers.get(index, 0) + count
+                if name.endswith(".weight") and len(info["shape"]) == 2:
+                    hessians[index] = hessians.get(index, 0) + info["shape"][1] ** 2
+    return Tensors(values, stored, largest, max(layers.values(), default=0), largest_file,
+                   max(hessians.values(), default=0))
 
 
 def need(model: str, facts: Tensors) -> int:
     """Bytes of host memory the named model needs for a checkpoint with these tensors."""
     if model == "streamed":
         return RUNTIME_BYTES + int(1.1 * 4 * max(facts.largest_tensor, facts.largest_layer))
+    if model == "layered":
+        return RUNTIME_BYTES + int(1.1 * (facts.stored_bytes + 4 * (2 * facts.largest_layer + facts.largest_hessians)))
     if model == "whole-fp32":
         return RUNTIME_BYTES + int(1.1 * 4 * facts.values)
     if model == "whole-stored":
@@ -132,6 +148,7 @@ def shortfall(model: str | None, folder: Path | None, what: str) -> str | None:
 
 _WORDS = {
     "streamed": "one layer at a time in fp32",
+    "layered": "the model in its stored dtype, one layer at a time in fp32",
     "whole-fp32": "the whole model in fp32",
     "whole-stored": "the whole model in its stored dtype",
     "shard": "one checkpoint file and its output",

@@ -23,6 +23,34 @@ def test_cuda_evaluation_matches_cpu(cli, recipe_factory, dirs, tmp_path):
         assert gpu["metrics"][metric] == pytest.approx(cpu["metrics"][metric], rel=0.02, abs=1e-3)
 
 
+@pytest.mark.gpu
+def test_cuda_calibration_onloads_layers_and_matches_cpu(tiny_model, tmp_path):
+    """GPTQ with a GPU: the model stays in host memory in bf16 and llm-compressor's sequential
+    pipeline onloads one layer at a time to the GPU, computing in bf16; the codes agree with the
+    CPU's fp32 computation up to rounding (within 2 steps, at least 90% equal)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.backends import llmcompressor as lc
+
+    variant = lc.LLMCompressorVariant(name="x", backend="llmcompressor", scheme="W8A8", algorithm="gptq")
+    g = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(3, 512, (64,), generator=g).tolist() for _ in range(8)]
+    backend = lc.LLMCompressorBackend()
+    backend.quantize(variant, tiny_model, tmp_path / "cpu", calibration=calibration, device="cpu")
+    torch.cuda.reset_peak_memory_stats()
+    backend.quantize(variant, tiny_model, tmp_path / "cuda", calibration=calibration, device="cuda")
+    assert torch.cuda.max_memory_allocated() > 0  # the layers did run on the GPU
+    a = load_file(str(tmp_path / "cpu" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cuda" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    codes = [k for k in a if a[k].dtype == torch.int8]  # W8A8 stores INT8 weights as they are
+    assert codes
+    for name in codes:
+        steps = (a[name].int() - b[name].int()).abs()
+        assert steps.max() <= 2 and (steps == 0).float().mean() >= 0.9, name
+
+
 @pytest.mark.network
 def test_hub_revision_resolves_to_a_commit():
     from pipeline.sources import hub

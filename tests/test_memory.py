@@ -39,6 +39,7 @@ def test_sizes_come_from_the_headers(checkpoint):
     assert facts.largest_tensor == 64_000
     assert facts.largest_layer == 19_200 + 64  # layer 1, its scale included
     assert facts.largest_file == max(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    assert facts.largest_hessians == 300**2  # layer 1's matrix takes 300 inputs (layer 0's: 100)
     assert memory.tensors(checkpoint / "missing") is None
 
 
@@ -46,6 +47,7 @@ def test_each_model_needs_what_it_holds(checkpoint):
     facts = memory.tensors(checkpoint)
     runtime = memory.RUNTIME_BYTES
     assert memory.need("streamed", facts) == runtime + int(1.1 * 4 * 64_000)
+    assert memory.need("layered", facts) == runtime + int(1.1 * (facts.stored_bytes + 4 * (2 * (19_200 + 64) + 300**2)))
     assert memory.need("whole-fp32", facts) == runtime + int(1.1 * 4 * facts.values)
     assert memory.need("whole-stored", facts) == runtime + int(1.1 * facts.stored_bytes)
     assert memory.need("shard", facts) == runtime + 2 * facts.largest_file
@@ -90,3 +92,16 @@ def test_a_stage_that_cannot_fit_is_not_started(cli, recipe_factory, dirs, monke
     assert not list(dirs["storage"].rglob("manifest.json"))
     entries = [json.loads(p.read_text())["describe"]["stage"] for p in dirs["cache"].rglob("entry.json")]
     assert "fetch" in entries and "baseline" not in entries
+
+
+def test_plan_says_which_stages_will_not_fit(cli, recipe_factory, monkeypatch):
+    """Planning reads the local source's tensor sizes: stages that cannot fit are named with the
+    shortfall before anything runs."""
+    monkeypatch.setattr(memory, "host_memory", lambda: (10**6, "physical memory"))
+    code, out, err = cli("plan", recipe_factory())
+    assert code == 0, err
+    assert "baseline: will not start here, needs ≈ " in out
+    assert "one layer at a time in fp32); this machine has 0.0 GB (physical memory)" in out
+    monkeypatch.setattr(memory, "host_memory", lambda: (10**12, "physical memory"))
+    code, out, err = cli("plan", recipe_factory())
+    assert code == 0 and "will not start here" not in out

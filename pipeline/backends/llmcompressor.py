@@ -3,10 +3,13 @@
 Quantization builds llm-compressor's own recipe from the variant (a preset scheme, optionally
 with a group size; round-to-nearest ``QuantizationModifier``, ``GPTQModifier``, or ``AWQModifier``
 before quantization; ``SmoothQuantModifier`` first for W8A8), runs ``oneshot`` on the calibration
-samples (calibrated schemes run llm-compressor's layer-by-layer sequential pipeline), casts what
-stays unquantized back to the source dtype and saves compressed; llm-compressor writes its own
-``recipe.yaml`` beside the weights. Calibrated work runs in fp32 on CPUs (bf16 matmuls are ~5x
-slower there); data-free work stays in the checkpoint's dtype.
+samples, casts what stays unquantized back to the source dtype and saves compressed;
+llm-compressor writes its own ``recipe.yaml`` beside the weights. The model is held in host memory
+in its stored dtype. Calibrated schemes run llm-compressor's sequential pipeline, which onloads
+one decoder layer at a time to the execution device: on a GPU the layer computes in the stored
+dtype; on CPUs (bf16 matmuls ~5x slower there) in fp32, one layer's fp32 copy at a time, which
+writes the same checkpoint as a model loaded whole in fp32 (``_fp32_layer_by_layer``). Data-free
+work stays in the checkpoint's dtype.
 
 Evaluation loads the checkpoint through transformers' compressed-tensors integration with
 ``run_compressed=False``: every weight is dequantized once. compressed-tensors decompresses FP4
@@ -175,6 +178,15 @@ class LLMCompressorVariant(VariantBase):
             raise ValueError("smoothquant applies to W8A8 (it moves activation outliers into weights)")
         return self
 
+    def backend_params(self) -> dict:
+        params = super().backend_params()
+        if self.smoothquant is not None or self.algorithm == "awq":
+            # Smoothing is its own llm-compressor pass; its rewritten weights are held in the
+            # stored dtype until the quantizing pass (``_fp32_layer_by_layer``), which rounds
+            # them differently from a model held whole in fp32: other bytes, another key.
+            params["smoothed_weights"] = "stored dtype between passes"
+        return params
+
     def needs_calibration(self) -> bool:
         return (
             self.algorithm in ("gptq", "awq")
@@ -270,11 +282,14 @@ class LLMCompressorBackend(Quantizer):
         source_dtype = config_dtype(source)
         if variant.entrypoint == "model_free":
             return _model_free(variant, source, out, device, source_dtype)
-        # Data-free schemes run no forward pass, so they work in the checkpoint's own dtype (as
-        # llm-compressor's examples do); calibrated ones run forwards and use fp32 on CPUs,
-        # where bf16 matmuls are ~5x slower.
-        work_dtype = source_dtype if calibration is None or device != "cpu" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=work_dtype).to(device)
+        # The model stays in host memory in the checkpoint's own dtype. Data-free schemes run no
+        # forward pass and work in that dtype (as llm-compressor's examples do). Calibrated ones
+        # run llm-compressor's sequential pipeline, which onloads one layer at a time to the
+        # execution device: a GPU computes in the stored dtype; on CPUs, where bf16 matmuls are
+        # ~5x slower, each layer is computed in fp32 (``_fp32_layer_by_layer``).
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=source_dtype)
+        if calibration is None:
+            model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(source)
         kwargs: dict[str, Any] = {}
         if calibration is not None:
@@ -290,10 +305,14 @@ class LLMCompressorBackend(Quantizer):
             }
         try:
             with _quiet_library_logs(), _threads_for(variant, device), _no_pinning_without_accelerator(), \
-                    _layer_progress(model, calibrated=calibration is not None):
+                    _layer_progress(model, calibrated=calibration is not None), \
+                    _fp32_layer_by_layer(model, active=calibration is not None and device == "cpu"):
                 oneshot(model=model, recipe=_modifiers(variant), **kwargs)
         except (ValueError, RuntimeError, AssertionError) as e:
             raise StageError(f"llm-compressor failed on {variant.scheme}/{variant.algorithm}: {e}") from e
+        from compressed_tensors.offload import remove_dispatch
+
+        remove_dispatch(model)  # plain tensors again (the pipeline offloaded every module)
         quantized = sum(1 for m in model.modules() if getattr(m, "quantization_scheme", None) is not None)
         if quantized == 0:
             raise StageError(
@@ -334,8 +353,8 @@ class LLMCompressorBackend(Quantizer):
     def memory(self, variant: Any) -> dict[str, str | None]:
         if variant.entrypoint == "model_free":
             quantize = "shard"
-        else:  # calibrated work runs in fp32 (see the module docstring), data-free in the stored dtype
-            quantize = "whole-fp32" if variant.needs_calibration() else "whole-stored"
+        else:  # calibrated work computes a layer at a time in fp32 (``_fp32_layer_by_layer``)
+            quantize = "layered" if variant.needs_calibration() else "whole-stored"
         return {"quantize": quantize, "evaluate": "streamed" if SCHEMES[variant.scheme]["streamed"] else "whole-fp32"}
 
     def scores(self, path: Path, windows, device: str, scratch: Path) -> Iterator:
@@ -576,6 +595,92 @@ def _layer_progress(model, *, calibrated: bool):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@contextlib.contextmanager
+def _fp32_layer_by_layer(model, *, active: bool):
+    """Calibrate a model held in its stored dtype (bf16) with every computation in fp32, holding
+    fp32 copies of one decoder layer at a time.
+
+    llm-compressor's sequential pipeline offloads every module through compressed-tensors'
+    ``OffloadCache`` and onloads one subgraph (a decoder layer) at a time to the execution
+    device. Here each module's cache is ``_Fp32OnloadCache``: onloading a bf16 tensor gives an
+    fp32 copy, so every forward, Hessian and observer runs in fp32 exactly as on a model loaded
+    in fp32; a tensor the modifiers write (GPTQ's quantized weights, AWQ's and SmoothQuant's
+    smoothed weights) is kept in fp32 while its layer is being worked on, and cast back to the
+    stored dtype once the pipeline has moved to the next layer (nothing changes a finished layer
+    within a pass: the modifiers' mappings stay inside one layer). That cast is the one the save
+    does anyway, so a single calibration pass (GPTQ, static FP8/NVFP4 scales) writes the tensors a
+    model held whole in fp32 writes, bit for bit; host memory holds the stored model plus about
+    one layer in fp32. Smoothing (SmoothQuant, AWQ) is a pass of its own before the quantizing
+    one, and its rewritten weights are kept in the stored dtype between the two passes, as on a
+    GPU builder (keeping them in fp32 would hold the whole model in fp32 again): the quantized
+    codes then differ from an fp32 model's by rounding (tested).
+    """
+    if not active:
+        yield
+        return
+    import torch
+    from compressed_tensors.offload import offload_module
+    from llmcompressor.utils.pytorch.module import infer_sequential_targets
+
+    promoted: dict[torch.Tensor, torch.dtype] = {}
+    cache = _fp32_onload_cache()
+    for module in model.modules():
+        offload_module(module, "cpu", "cpu")
+        module._parameters = cache.from_mapping(module._parameters.offloaded_values, "cpu", promoted=promoted)
+        module._buffers = cache.from_mapping(module._buffers.offloaded_values, "cpu", promoted=promoted)
+    targets = infer_sequential_targets(model)
+    layers = [m for m in model.modules() if type(m).__name__ in targets]
+
+    def finished(upto: int) -> None:
+        for layer in layers[:upto]:
+            for module in layer.modules():
+                for tensors in (module._parameters, module._buffers):
+                    # (modules the modifiers attach later, observers, are not offloaded)
+                    for tensor in getattr(tensors, "offloaded_values", {}).values():
+                        dtype = promoted.pop(tensor, None)
+                        if dtype is not None:
+                            tensor.data = tensor.data.to(dtype)
+
+    handles = [layer.register_forward_pre_hook(lambda _m, _a, i=i: finished(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _fp32_onload_cache():
+    import torch
+    from compressed_tensors.offload.cache.cpu import CPUCache
+    from compressed_tensors.offload.utils import send_tensors
+
+    narrow = (torch.bfloat16, torch.float16)
+
+    class _Fp32OnloadCache(CPUCache):
+        """Host-memory offload cache whose onloaded copies of 16-bit tensors are fp32, and whose
+        writes of fp32 data into a 16-bit tensor keep the fp32 values (recorded in ``promoted``
+        to be cast back when their layer is finished)."""
+
+        def __init__(self, onload_device, offload_device=None, *, promoted):
+            super().__init__(onload_device, offload_device)
+            self.promoted = promoted
+
+        def onload(self, offloaded):
+            if offloaded is not None and offloaded.dtype in narrow:
+                return send_tensors(offloaded, device=self.onload_device, dtype=torch.float32)
+            return super().onload(offloaded)
+
+        @torch.no_grad()
+        def update_offload(self, offloaded, data):
+            if data is not None and offloaded.dtype in narrow and data.dtype == torch.float32:
+                self.promoted.setdefault(offloaded, offloaded.dtype)
+                offloaded.data = data.detach().to("cpu", copy=True)
+                return
+            super().update_offload(offloaded, data)
+
+    return _Fp32OnloadCache
 
 
 @contextlib.contextmanager

@@ -82,8 +82,10 @@ def plan(
     for col in ("stage", "inputs", "key", "state"):
         table.add_column(col)
     from pipeline.hardware import missing
+    from pipeline.memory import shortfall
 
     waiting = []
+    checkpoint = _planned_checkpoint(prepared)
     for stage in prepared.plan.stages:
         if stage.cached:
             state = "cached" if prepared.store.get(stage.key) else "to build"
@@ -91,6 +93,10 @@ def plan(
             if lacking:
                 state = "waiting for a GPU builder"
                 waiting.append(f"{stage.id}: waiting for a GPU builder (needs {'; '.join(lacking)})")
+            short = shortfall(stage.hints.memory_model, checkpoint, stage.id) if state == "to build" else None
+            if short:
+                state = "needs more memory"
+                waiting.append(f"{stage.id}: will not start here, needs {short}")
         else:
             state = "runs every time (not cached)"
         table.add_row(stage.id, ", ".join(stage.inputs + stage.after) or "-", stage.key if keys else stage.key[:12] + "…", state)
@@ -100,6 +106,18 @@ def plan(
     typer.echo(f"source: {prepared.plan.source.provenance}")
     typer.echo(f"storage: {prepared.storage}")
     _print_formats(prepared)
+
+
+def _planned_checkpoint(prepared) -> Path | None:
+    """The checkpoint whose tensor sizes the memory models read at plan time: the fetched one when
+    cached, else a local source's folder (the same tensors; a Hub or GGUF source is sized once
+    fetched, before each stage starts)."""
+    fetch = next((s for s in prepared.plan.stages if s.kind == "fetch"), None)
+    entry = prepared.store.get(fetch.key) if fetch is not None else None
+    if entry is not None:
+        return entry.data
+    source = prepared.loaded.recipe.source
+    return Path(source.path) if source.kind == "local" else None
 
 
 def _print_formats(prepared) -> None:

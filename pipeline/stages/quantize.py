@@ -28,6 +28,7 @@ class Result(TypedDict):
 
     format: dict[str, Any]
     size_bytes: int
+    device: str  # where the backend computed (cpu, cuda): GPU and CPU builds differ in rounding
 
 
 def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
@@ -48,4 +49,5 @@ def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
         )
     facts = backend.quantize(variant, checkpoint, out, calibration=samples, device=ctx.device)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return cast("Result", {"format": asdict(backend.describe(variant)), "size_bytes": size, **facts})
+    return cast("Result", {"format": asdict(backend.describe(variant)), "size_bytes": size, "device": ctx.device,
+                           **facts})
