@@ -86,7 +86,7 @@ def main() -> None:
                 print(f"  failed (exit {r['exit']}): {r['stderr'][-800:]}")
                 continue
             result = json.loads(r["stdout"].strip().splitlines()[-1])
-            rows[shape] = {**r, **result, "parameters": facts.values, "model_gb": memory.need("streamed", facts) / 1e9}
+            rows[shape] = {**r, **result, "parameters": facts.values, "model_gb": memory.need("streamed", facts, 512) / 1e9}
             print(f"  {r['wall_s']:.0f} s (forward {result['forward_s']:.0f} s), peak anonymous {r['anon_mb'] / 1024:.2f} GiB, "
                   f"peak RSS {r['rss_mb'] / 1024:.2f} GiB, cgroup peak {(r['cgroup_mb'] or 0) / 1024:.2f} GiB", flush=True)
     finally:

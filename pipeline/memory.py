@@ -11,15 +11,17 @@ The models (``R``: the runtime, Python with torch and transformers imported; ``N
 parameters; ``T``: its largest tensor; ``L``: its largest decoder layer; 4 bytes per fp32 value):
 
 - ``streamed``: one layer at a time in fp32 (``pipeline.quality.streamed``):
-  ``R + 1.1 x 4 x max(T, L)`` (the tenth covers a layer's stored form and the windows'
-  activations at the default evaluation sizes).
+  ``R + 1.1 x 4 x (max(T, L) + 2.5 x S x V)`` (the tenth covers a layer's stored form and the
+  windows' activations; ``S x V``: one window's logits, ``S`` its tokens, ``V`` the vocabulary:
+  fp32 logits, their log-softmax and the reference's fp16 copy, which a 128k vocabulary makes
+  larger than a 1B model's layer).
 - ``layered``: the whole model in its stored dtype, one layer at a time computed in fp32 with
   GPTQ's Hessians (calibrated llm-compressor runs: its sequential pipeline): ``R + 1.1 x (stored
   bytes + 4 x (2 L + H))``, ``H``: the sum of squared input widths of the largest layer's
   matrices (one Hessian each); the two layer copies are the fp32 view the pipeline keeps onloaded
   and the fp32 values the modifiers write.
 - ``whole-fp32``: the whole model in fp32 (ModelOpt, evaluation of formats not read layer by
-  layer): ``R + 1.1 x 4 x N``.
+  layer): ``R + 1.1 x 4 x (N + 2.5 x S x V)`` (``S = 0`` for stages that score no window).
 - ``whole-stored``: the whole model in its stored dtype (data-free llm-compressor ``oneshot``):
   ``R + 1.1 x stored bytes``.
 - ``shard``: one safetensors file and its quantized output (llm-compressor's ``model_free``):
@@ -27,8 +29,10 @@ parameters; ``T``: its largest tensor; ``L``: its largest decoder layer; 4 bytes
 
 Calibrated on a Llama-3.2-1B-shaped checkpoint (``tests/test_scale.py``): its baseline, FP8
 evaluation and ``model_free`` quantization (600 MB files) complete inside a 2 GiB memory cgroup,
-where the models say 1.76, 1.76 and 1.8 GB; its W4A16 GPTQ peaked at 4.19 GB of anonymous memory
-where ``layered`` says 4.26 (``benchmarks/calibrated_at_scale.py``).
+where the models say 1.94, 1.94 and 1.8 GB (windows of 128 tokens); its W4A16 GPTQ peaked at
+4.19 GB of anonymous memory where ``layered`` says 4.26 (``benchmarks/calibrated_at_scale.py``).
+The baseline in windows of 512 peaked at 2.05 GB anonymous (1B) and 2.42 GB (8B shape), where
+``streamed`` says 2.48 and 3.63 (``benchmarks/streamed_scaling.py``).
 
 Stages whose work is memory-mapped by llama.cpp (conversion, imatrix, GGUF evaluation) declare no
 model: their resident pages are file pages the kernel can drop.
@@ -64,6 +68,7 @@ class Tensors:
         largest_file: bytes of the largest safetensors file.
         largest_hessians: the largest, over decoder layers, of the sum of squared input widths of
             the layer's matrices (values of the GPTQ Hessians of one layer).
+        vocab: rows of the embedding or output layer (0 when neither is named as transformers does).
     """
 
     values: int
@@ -72,6 +77,7 @@ class Tensors:
     largest_layer: int
     largest_file: int
     largest_hessians: int = 0
+    vocab: int = 0
 
 
 def tensors(folder: Path) -> Tensors | None:
@@ -82,6 +88,7 @@ def tensors(folder: Path) -> Tensors | None:
     values = stored = largest = largest_file = 0
     layers: dict[int, int] = {}
     hessians: dict[int, int] = {}
+    vocab = 0
     for file in files:
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
@@ -96,6 +103,8 @@ def tensors(folder: Path) -> Tensors | None:
             values += count
             stored += count * _ITEM_BYTES.get(info["dtype"], 4)
             largest = max(largest, count)
+            if name.endswith(("embed_tokens.weight", "lm_head.weight")) and info["shape"]:
+                vocab = max(vocab, info["shape"][0])
             match = _LAYER.search("." + name)
             if match:
                 index = int(match.group(1))
@@ -103,17 +112,19 @@ def tensors(folder: Path) -> Tensors | None:
                 if name.endswith(".weight") and len(info["shape"]) == 2:
                     hessians[index] = hessians.get(index, 0) + info["shape"][1] ** 2
     return Tensors(values, stored, largest, max(layers.values(), default=0), largest_file,
-                   max(hessians.values(), default=0))
+                   max(hessians.values(), default=0), vocab)
 
 
-def need(model: str, facts: Tensors) -> int:
-    """Bytes of host memory the named model needs for a checkpoint with these tensors."""
+def need(model: str, facts: Tensors, seq_len: int = 0) -> int:
+    """Bytes of host memory the named model needs for a checkpoint with these tensors, scoring
+    windows of ``seq_len`` tokens (0: no window is scored)."""
+    logits = 2.5 * seq_len * facts.vocab
     if model == "streamed":
-        return RUNTIME_BYTES + int(1.1 * 4 * max(facts.largest_tensor, facts.largest_layer))
+        return RUNTIME_BYTES + int(1.1 * 4 * (max(facts.largest_tensor, facts.largest_layer) + logits))
     if model == "layered":
         return RUNTIME_BYTES + int(1.1 * (facts.stored_bytes + 4 * (2 * facts.largest_layer + facts.largest_hessians)))
     if model == "whole-fp32":
-        return RUNTIME_BYTES + int(1.1 * 4 * facts.values)
+        return RUNTIME_BYTES + int(1.1 * 4 * (facts.values + logits))
     if model == "whole-stored":
         return RUNTIME_BYTES + int(1.1 * facts.stored_bytes)
     if model == "shard":
@@ -130,20 +141,27 @@ def host_memory() -> tuple[int, str]:
     return physical, "physical memory"
 
 
-def shortfall(model: str | None, folder: Path | None, what: str) -> str | None:
+def shortfall(model: str | None, folder: Path | None, what: str, seq_len: int = 0) -> str | None:
     """One phrase saying what a stage needs and the host lacks, or None when it fits (or has no
-    model, or its checkpoint is not safetensors)."""
+    model, or its checkpoint is not safetensors); ``seq_len``: its scoring windows' tokens."""
     if model is None or folder is None:
         return None
     facts = tensors(folder)
     if facts is None:
         return None
-    needed = need(model, facts)
+    needed = need(model, facts, seq_len)
     have, kind = host_memory()
     if needed <= have:
         return None
     return (f"≈ {needed / 1e9:.1f} GB of host memory for {what} ({_WORDS[model]}); this machine has "
             f"{have / 1e9:.1f} GB ({kind})")
+
+
+def scored_window(stage) -> int:
+    """Tokens of the windows a stage scores (baseline and evaluation stages carry the eval's
+    ``seq_len``; 0 for the others)."""
+    value = stage.params.get("seq_len")
+    return value if isinstance(value, int) else 0
 
 
 _WORDS = {

@@ -82,7 +82,7 @@ def plan(
     for col in ("stage", "inputs", "key", "state"):
         table.add_column(col)
     from pipeline.hardware import missing
-    from pipeline.memory import shortfall
+    from pipeline.memory import scored_window, shortfall
 
     waiting = []
     checkpoint = _planned_checkpoint(prepared)
@@ -93,7 +93,8 @@ def plan(
             if lacking:
                 state = "waiting for a GPU builder"
                 waiting.append(f"{stage.id}: waiting for a GPU builder (needs {'; '.join(lacking)})")
-            short = shortfall(stage.hints.memory_model, checkpoint, stage.id) if state == "to build" else None
+            short = (shortfall(stage.hints.memory_model, checkpoint, stage.id, seq_len=scored_window(stage))
+                     if state == "to build" else None)
             if short:
                 state = "needs more memory"
                 waiting.append(f"{stage.id}: will not start here, needs {short}")

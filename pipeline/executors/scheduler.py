@@ -20,7 +20,7 @@ from pipeline.cache.store import CacheStore, Entry
 from pipeline.errors import Interrupted, ModelbuildError, StageError, StageSkipped
 from pipeline.executors.memory import Peak, PeakMemory
 from pipeline.hardware import missing
-from pipeline.memory import shortfall
+from pipeline.memory import scored_window, shortfall
 from pipeline.stages import runner
 from pipeline.stages.base import Stage
 from pipeline.stages.context import RunContext, StageInput
@@ -204,7 +204,7 @@ def run_stage(ctx: RunContext, store: CacheStore, stage: Stage, inputs: dict[str
         checkpoint = inputs.get("checkpoint")
         # Refused before it starts rather than killed halfway by the kernel (pipeline.memory).
         short = shortfall(stage.hints.memory_model, checkpoint.entry.data if checkpoint and checkpoint.entry else None,
-                          stage.id)
+                          stage.id, seq_len=scored_window(stage))
         if short:
             lacking.append(short)
         if lacking:
