@@ -8,6 +8,9 @@ repository's WikiText-2 test text in windows of 512), ``load_offloaded`` (transf
 offload onto the checkpoint's own files), ``streamed_logprobs`` (one decoder layer at a time in
 fp32 over every window) and ``write_reference`` (the full-vocabulary reference).
 
+With ``--fp8``, also per shape: the data-free FP8_DYNAMIC variant shard by shard (``model_free``)
+and its evaluation as the evaluate stage runs it, each in the same cgroup.
+
 Prints per shape: wall time, the forward's seconds, peak anonymous memory (sampled), peak RSS, the
 cgroup's peak, the memory model's figure (``pipeline.memory``: ``streamed``), and across shapes the
 ratios: peak anonymous memory (target <= 1.3x from 1B to 8B) and seconds per scored token against
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +54,35 @@ with tempfile.TemporaryDirectory(dir=out, prefix='scratch-') as folder:
 print(json.dumps({'ppl': facts['ppl'], 'tokens_scored': facts['tokens_scored'], 'forward_s': forward}))
 """
 
+# --fp8: the data-free FP8 variant a shard at a time (llm-compressor's model_free_ptq), then its
+# evaluation as the evaluate stage runs it (layer by layer from the files, against the reference).
+FP8_QUANTIZE = """
+import sys
+from pathlib import Path
+from pipeline.backends.llmcompressor import LLMCompressorBackend, LLMCompressorVariant
+v = LLMCompressorVariant(name='fp8', backend='llmcompressor', scheme='FP8_DYNAMIC', entrypoint='model_free')
+LLMCompressorBackend().quantize(v, Path(sys.argv[1]), Path(sys.argv[2]), calibration=None, device='cpu')
+"""
+
+FP8_EVALUATE = """
+import json, sys, tempfile, time, torch
+from pathlib import Path
+from pipeline.backends.llmcompressor import LLMCompressorBackend
+from pipeline.quality.metrics import summarise
+from pipeline.quality.reference import Reference
+checkpoint, reference = Path(sys.argv[1]), Path(sys.argv[2])
+ref = Reference(reference)
+lps, klds, tops = [], [], []
+started = time.perf_counter()
+with tempfile.TemporaryDirectory(dir=checkpoint.parent, prefix='scratch-') as scratch:
+    for i, (logprobs, next_ids) in enumerate(LLMCompressorBackend().scores(checkpoint, ref.tokens, 'cpu', Path(scratch))):
+        lp, kld, top = ref.compare(i, logprobs, next_ids)
+        lps.append(lp); klds.append(kld); tops.append(top)
+forward = time.perf_counter() - started
+metrics = summarise(torch.cat(lps), torch.cat(klds), torch.cat(tops), float(sys.argv[3]))
+print(json.dumps({'mean_kld': metrics['mean_kld'], 'forward_s': forward}))
+"""
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +90,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--limit-gb", type=float, default=8.0, help="memory cgroup limit, GiB")
+    ap.add_argument("--fp8", action="store_true", help="also FP8_DYNAMIC (model_free) and its evaluation")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from pipeline import memory
@@ -89,6 +123,18 @@ def main() -> None:
             rows[shape] = {**r, **result, "parameters": facts.values, "model_gb": memory.need("streamed", facts, 512) / 1e9}
             print(f"  {r['wall_s']:.0f} s (forward {result['forward_s']:.0f} s), peak anonymous {r['anon_mb'] / 1024:.2f} GiB, "
                   f"peak RSS {r['rss_mb'] / 1024:.2f} GiB, cgroup peak {(r['cgroup_mb'] or 0) / 1024:.2f} GiB", flush=True)
+            if args.fp8:
+                fp8 = work / f"fp8-{shape}"
+                if fp8.exists():
+                    subprocess.run(["rm", "-rf", str(fp8)], check=True)
+                for step, code, argv in (("FP8_DYNAMIC model_free", FP8_QUANTIZE, [str(src), str(fp8)]),
+                                         ("its evaluation", FP8_EVALUATE, [str(fp8), str(out), str(result["ppl"])])):
+                    evict_from_page_cache(src if step.startswith("FP8") else fp8)
+                    q = run_sampled([sys.executable, "-c", code, *argv], cgroup, env={**os.environ, "PYTHONPATH": str(REPO)})
+                    extra = q["stdout"].strip().splitlines()[-1] if q["exit"] == 0 and q["stdout"].strip() else q["stderr"][-500:]
+                    print(f"  {shape} {step}: exit {q['exit']}, {q['wall_s']:.0f} s, peak anonymous "
+                          f"{q['anon_mb'] / 1024:.2f} GiB, peak RSS {q['rss_mb'] / 1024:.2f} GiB, cgroup peak "
+                          f"{(q['cgroup_mb'] or 0) / 1024:.2f} GiB {extra}", flush=True)
     finally:
         cgroup.close()
 

@@ -11,17 +11,17 @@ The models (``R``: the runtime, Python with torch and transformers imported; ``N
 parameters; ``T``: its largest tensor; ``L``: its largest decoder layer; 4 bytes per fp32 value):
 
 - ``streamed``: one layer at a time in fp32 (``pipeline.quality.streamed``):
-  ``R + 1.1 x 4 x (max(T, L) + 2.5 x S x V)`` (the tenth covers a layer's stored form and the
-  windows' activations; ``S x V``: one window's logits, ``S`` its tokens, ``V`` the vocabulary:
-  fp32 logits, their log-softmax and the reference's fp16 copy, which a 128k vocabulary makes
-  larger than a 1B model's layer).
+  ``R + 1.1 x 4 x (max(T, L) + 3 x S x V)`` (the tenth covers a layer's stored form and the
+  windows' activations; ``S x V``: one window's logits, ``S`` its tokens, ``V`` the vocabulary,
+  three times: fp32 logits, their log-softmax, and the reference's fp16 copy or its fp32 reading
+  when comparing, which a 128k vocabulary makes larger than a 1B model's layer).
 - ``layered``: the whole model in its stored dtype, one layer at a time computed in fp32 with
   GPTQ's Hessians (calibrated llm-compressor runs: its sequential pipeline): ``R + 1.1 x (stored
   bytes + 4 x (2 L + H))``, ``H``: the sum of squared input widths of the largest layer's
   matrices (one Hessian each); the two layer copies are the fp32 view the pipeline keeps onloaded
   and the fp32 values the modifiers write.
 - ``whole-fp32``: the whole model in fp32 (ModelOpt, evaluation of formats not read layer by
-  layer): ``R + 1.1 x 4 x (N + 2.5 x S x V)`` (``S = 0`` for stages that score no window).
+  layer): ``R + 1.1 x 4 x (N + 3 x S x V)`` (``S = 0`` for stages that score no window).
 - ``whole-stored``: the whole model in its stored dtype (data-free llm-compressor ``oneshot``):
   ``R + 1.1 x stored bytes``.
 - ``shard``: one safetensors file and its quantized output (llm-compressor's ``model_free``):
@@ -29,10 +29,11 @@ parameters; ``T``: its largest tensor; ``L``: its largest decoder layer; 4 bytes
 
 Calibrated on a Llama-3.2-1B-shaped checkpoint (``tests/test_scale.py``): its baseline, FP8
 evaluation and ``model_free`` quantization (600 MB files) complete inside a 2 GiB memory cgroup,
-where the models say 1.94, 1.94 and 1.8 GB (windows of 128 tokens); its W4A16 GPTQ peaked at
+where the models say 1.97, 1.97 and 1.8 GB (windows of 128 tokens); its W4A16 GPTQ peaked at
 4.19 GB of anonymous memory where ``layered`` says 4.26 (``benchmarks/calibrated_at_scale.py``).
-The baseline in windows of 512 peaked at 2.05 GB anonymous (1B) and 2.42 GB (8B shape), where
-``streamed`` says 2.48 and 3.63 (``benchmarks/streamed_scaling.py``).
+In windows of 512 (``benchmarks/streamed_scaling.py``, two runs, peaks sampled every 0.1 s) the
+1B shape's baseline peaked at 2.05–2.37 GB anonymous and its FP8 evaluation at 2.49 GB, the 8B
+shape's at 2.42–2.56 and 1.83 GB, where ``streamed`` says 2.62 and 3.78.
 
 Stages whose work is memory-mapped by llama.cpp (conversion, imatrix, GGUF evaluation) declare no
 model: their resident pages are file pages the kernel can drop.
@@ -118,7 +119,7 @@ def tensors(folder: Path) -> Tensors | None:
 def need(model: str, facts: Tensors, seq_len: int = 0) -> int:
     """Bytes of host memory the named model needs for a checkpoint with these tensors, scoring
     windows of ``seq_len`` tokens (0: no window is scored)."""
-    logits = 2.5 * seq_len * facts.vocab
+    logits = 3 * seq_len * facts.vocab
     if model == "streamed":
         return RUNTIME_BYTES + int(1.1 * 4 * (max(facts.largest_tensor, facts.largest_layer) + logits))
     if model == "layered":
