@@ -27,7 +27,8 @@ def test_cuda_evaluation_matches_cpu(cli, recipe_factory, dirs, tmp_path):
 def test_cuda_calibration_onloads_layers_and_matches_cpu(tiny_model, tmp_path):
     """GPTQ with a GPU: the model stays in host memory in bf16 and llm-compressor's sequential
     pipeline onloads one layer at a time to the GPU, computing in bf16; the codes agree with the
-    CPU's fp32 computation up to rounding (within 2 steps, at least 90% equal)."""
+    CPU's fp32 computation up to rounding (bf16 activations move GPTQ's Hessians: within 3 steps,
+    at least half equal; never run yet, so the bounds are not measured)."""
     import torch
     from safetensors.torch import load_file
 
@@ -48,7 +49,7 @@ def test_cuda_calibration_onloads_layers_and_matches_cpu(tiny_model, tmp_path):
     assert codes
     for name in codes:
         steps = (a[name].int() - b[name].int()).abs()
-        assert steps.max() <= 2 and (steps == 0).float().mean() >= 0.9, name
+        assert steps.max() <= 3 and (steps == 0).float().mean() >= 0.5, name
 
 
 @pytest.mark.network
