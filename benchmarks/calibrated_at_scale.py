@@ -57,9 +57,9 @@ from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
 data = Dataset.from_dict({'input_ids': calibration, 'attention_mask': [[1] * seq_len for _ in calibration]})
-torch.set_num_threads(1)  # as modelbuild does for GPTQ on CPUs (its inner loop is many tiny ops)
-oneshot(model=model, recipe=lc._modifiers(variant), dataset=data, num_calibration_samples=samples,
-        max_seq_length=seq_len, shuffle_calibration_samples=False)
+with lc._threads_for(variant, 'cpu', model.config):  # the threads modelbuild uses for GPTQ on CPUs
+    oneshot(model=model, recipe=lc._modifiers(variant), dataset=data, num_calibration_samples=samples,
+            max_seq_length=seq_len, shuffle_calibration_samples=False)
 with torch.no_grad():
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.dtype == torch.float32:

@@ -58,7 +58,7 @@ if calibrated:
     n, L = len(rows), len(rows[0])
     kwargs = dict(dataset=Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * L] * n}),
                   num_calibration_samples=n, max_seq_length=L, shuffle_calibration_samples=False)
-with _threads_for(v, "cpu"), _no_pinning_without_accelerator():
+with _threads_for(v, "cpu", model.config), _no_pinning_without_accelerator():
     oneshot(model=model, recipe=_modifiers(v), **kwargs)
 model.to(torch.bfloat16)
 model.save_pretrained(out, save_compressed=True)

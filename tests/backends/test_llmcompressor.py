@@ -281,7 +281,7 @@ def test_calibration_a_layer_at_a_time_against_an_fp32_model(tmp_path, tiny_mode
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     data = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * 64 for _ in calibration]})
-    with lc._threads_for(variant, "cpu"), lc._no_pinning_without_accelerator():
+    with lc._threads_for(variant, "cpu", model.config), lc._no_pinning_without_accelerator():
         oneshot(model=model, recipe=lc._modifiers(variant), dataset=data, num_calibration_samples=8,
                 max_seq_length=64, shuffle_calibration_samples=False)
     with torch.no_grad():
