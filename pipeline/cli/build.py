@@ -70,6 +70,7 @@ def plan(
     recipe: RecipeArg,
     cache_dir: CacheDirOpt = None,
     storage: StorageOpt = None,
+    device: DeviceOpt = "auto",
     keys: Annotated[bool, typer.Option("--keys", help="Show full stage keys.")] = False,
 ) -> None:
     """Show the stages a recipe becomes, their keys, and which are already cached."""
@@ -77,7 +78,7 @@ def plan(
     from pipeline.run.orchestrate import prepare
 
     reporter = Reporter()
-    prepared = prepare(recipe, cache_dir=cache_dir, storage=storage, reporter=reporter)
+    prepared = prepare(recipe, cache_dir=cache_dir, storage=storage, reporter=reporter, device=device)
     table = Table(title=f"{prepared.loaded.recipe.name}: {len(prepared.plan.stages)} stages")
     for col in ("stage", "inputs", "key", "state"):
         table.add_column(col)
@@ -106,6 +107,7 @@ def plan(
         typer.echo(line)
     typer.echo(f"source: {prepared.plan.source.provenance}")
     typer.echo(f"storage: {prepared.storage}")
+    typer.echo(f"device: {prepared.device} (baseline, quantize and evaluate keys name it when it is a GPU)")
     _print_formats(prepared)
 
 
@@ -189,7 +191,8 @@ def run(
         raise InputError(f"unknown executor {executor!r}", where="--executor", fix=f"use {' or '.join(EXECUTORS)}")
     # Off a terminal the reporter prints plain lines and a heartbeat every $MODELBUILD_PROGRESS_INTERVAL s.
     reporter = Reporter(mode="json" if json_progress else "quiet" if quiet else None)
-    prepared = prepare(recipe, cache_dir=cache_dir, storage=storage, reporter=reporter)
+    prepared = prepare(recipe, cache_dir=cache_dir, storage=storage, reporter=reporter, device=device,
+                       executor=executor.lower())
     folder = report_dir or default_folder(prepared.loaded.recipe.name)
     started = time.time()
 
@@ -199,8 +202,7 @@ def run(
             typer.echo(f"reports: {paths['json']}, {paths['junit']}, {paths['markdown']}", err=True)
 
     try:
-        report = run_prepared(prepared, device=device, reporter=reporter, locked=locked, executor=executor.lower(),
-                              address=address)
+        report = run_prepared(prepared, reporter=reporter, locked=locked, address=address)
     except ModelbuildError as e:
         # The executor attaches what finished before the failure: variants already published are
         # reported published, with their metrics (the reports match the store).

@@ -242,7 +242,7 @@ class RayExecutor:
         entry = self.store.get(stage.key)
         if entry is not None:
             return Outcome(stage, Status.CACHED, entry.result, 0.0, entry)
-        place = placement(stage, self.cpus_per_stage, gpu_wanted=self.ctx.requested_device == "cuda")
+        place = placement(stage, self.cpus_per_stage, gpu_wanted=self.ctx.requested_device.startswith("cuda"))
         if not any(not place.lacking(t) for t in self.totals):
             lacking = sorted({name for t in self.totals for name in place.lacking(t)})
             return Outcome(stage, Status.NEEDS, {"needs": [

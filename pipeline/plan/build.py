@@ -68,11 +68,14 @@ class Plan:
         return {s.id: s for s in self.stages}
 
 
-def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, store: CacheStore | None = None) -> Plan:
+def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, store: CacheStore | None = None,
+               *, device: str = "cpu") -> Plan:
     """Build the DAG for a validated recipe.
 
     Args:
         loaded: the recipe.
+        device: where the stages that can use a GPU compute (``cpu``, ``cuda`` or ``cuda:N``;
+            ``pipeline.quality.runner.compute_device``): a GPU's build gets keys of its own.
         resolved: a source already resolved (e.g. from the lock file); resolved here otherwise.
         store: the stage cache, if any: plan-time checks that passed before for the same source,
             variant and tool versions are remembered there, and a cached fetch supplies the
@@ -113,9 +116,23 @@ def build_plan(loaded: LoadedRecipe, resolved: ResolvedSource | None = None, sto
         backend = get_backend(variant.backend)
         stages += CHAINS[backend.chain](backend, variant, planning)
 
+    stages = _on_device(stages, device)
     tools = sorted({t for s in stages for t in s.tools})
     versions = {t: tool_version(t) for t in tools}
     return Plan(stages=tuple(_with_keys(stages, versions)), source=resolved, data=data, tool_versions=versions)
+
+
+def _on_device(stages: list[Stage], device: str) -> list[Stage]:
+    """Stages that compute on a GPU when there is one (baseline, quantize, evaluate) carry the
+    device class in their parameters, so in their keys: on a GPU they compute in bf16, on a CPU
+    in fp32, and the bytes and figures differ. A GPU builder and a CPU builder sharing a cache
+    then never take each other's outputs, and a variant is never scored against a baseline
+    computed elsewhere. The CPU adds nothing: CPU keys stay what they were before GPUs counted.
+    Only the class is keyed, not which GPU (``cuda:1``) or its kind."""
+    kind = device.partition(":")[0]
+    if kind == "cpu":
+        return stages
+    return [replace(s, params={**s.params, "compute": kind}) if s.hints.uses_gpu else s for s in stages]
 
 
 def _with_keys(stages: list[Stage], versions: dict[str, str]) -> list[Stage]:

@@ -10,6 +10,19 @@ from pipeline.errors import InputError
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def _parsed(requested: str) -> str:
+    """``--device`` normalised (``auto``, ``cpu``, ``cuda`` or ``cuda:N``).
+
+    Raises:
+        InputError: not one of those.
+    """
+    device = requested.strip().lower()
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise InputError(f"unknown device {requested!r}", where="--device", fix="use auto, cpu, cuda or cuda:N")
+    return device
+
+
 def check_device(requested: str) -> str:
     """``--device`` checked before any stage runs (a stage would fail only after the fetch, with
     torch's own text); returns it normalised (``cuda`` or ``cuda:N`` for a GPU).
@@ -17,10 +30,8 @@ def check_device(requested: str) -> str:
     Raises:
         InputError: an unknown device, or a CUDA device this machine's torch cannot use.
     """
-    device = requested.strip().lower()
+    device = _parsed(requested)
     kind, _, index = device.partition(":")
-    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
-        raise InputError(f"unknown device {requested!r}", where="--device", fix="use auto, cpu, cuda or cuda:N")
     if kind != "cuda":
         return device
     import torch
@@ -33,6 +44,30 @@ def check_device(requested: str) -> str:
         raise InputError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA GPU(s)",
                          where="--device", fix="choose an index below that")
     return device
+
+
+def compute_device(requested: str, *, here: bool) -> str:
+    """The device the GPU-capable stages compute on, fixed before planning: their keys name it
+    (a GPU computes in bf16, a CPU in fp32, so the bytes and figures differ; see
+    ``pipeline.plan.build``). Never ``auto``.
+
+    ``here``: the stages run on this machine (checked; ``auto`` is its GPU when torch can use
+    one). Otherwise they run on a cluster (Ray), where a stage is given a GPU only under
+    ``--device cuda``, so ``auto`` is the CPU; ``cuda`` is checked there, by the stages.
+
+    Raises:
+        InputError: an unknown device, or (``here``) a CUDA device this machine cannot use.
+    """
+    if not here:
+        device = _parsed(requested)
+        return "cpu" if device == "auto" else device
+    device = check_device(requested)
+    if device != "auto":
+        return device
+    from pipeline.hardware import gpu_architectures
+
+    # No NVIDIA driver reporting a GPU: the CPU, without importing torch (a cached run needs none).
+    return pick_device("auto") if gpu_architectures() else "cpu"
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -76,37 +76,42 @@ EXECUTORS: dict[str, ExecutorChoice] = {
 
 @dataclass
 class Prepared:
+    """A planned recipe, for ``executor``; ``device``: where its GPU-capable stages compute
+    (their keys name it)."""
+
     loaded: LoadedRecipe
     plan: Plan
     store: CacheStore
     storage: str
+    device: str = "cpu"
+    executor: str = "local"
 
 
-def prepare(recipe_path: Path, *, cache_dir: Path | None, storage: str | os.PathLike[str] | None, reporter: Reporter) -> Prepared:
-    """Load, check and plan a recipe; no stage runs.
+def prepare(recipe_path: Path, *, cache_dir: Path | None, storage: str | os.PathLike[str] | None, reporter: Reporter,
+            device: str = "auto", executor: str = "local") -> Prepared:
+    """Load, check and plan a recipe for ``--device`` under ``executor`` (a name in
+    ``EXECUTORS``); no stage runs.
 
     Raises:
         ModelbuildError: any bad input, before any work starts.
     """
+    from pipeline.quality.runner import compute_device
+
+    device = compute_device(device, here=EXECUTORS[executor].checks_device)
     loaded = load_recipe(recipe_path)
     for name in sorted({v.backend for v in loaded.recipe.variants}):
         get_backend(name).check_environment()
     store = CacheStore(cache_dir or default_cache_dir(), warn=reporter.warn)
-    plan = build_plan(loaded, store=store)
-    return Prepared(loaded, plan, store, storage_root(loaded, storage))
+    plan = build_plan(loaded, store=store, device=device)
+    return Prepared(loaded, plan, store, storage_root(loaded, storage), device, executor)
 
 
-def run(prepared: Prepared, *, device: str, reporter: Reporter, locked: bool = False, executor: str = "local",
-        address: str | None = None) -> Report:
+def run(prepared: Prepared, *, reporter: Reporter, locked: bool = False, address: str | None = None) -> Report:
     """Execute a prepared plan: the lock (under ``locked``) and the storage root are checked
     first, so nothing runs for nothing. A Hub source's resolution is recorded in the lock.
 
-    ``executor``: a name in ``EXECUTORS``; ``address``: the Ray cluster's, when it is ``ray``."""
-    chosen = EXECUTORS[executor]
-    if chosen.checks_device:
-        from pipeline.quality.runner import check_device
-
-        device = check_device(device)
+    ``address``: the Ray cluster's, when the executor is ``ray``."""
+    chosen = EXECUTORS[prepared.executor]
     if locked:
         lockfile.check(prepared)
     open_storage(prepared.storage, s3=prepared.loaded.recipe.publish.s3.model_dump(exclude_none=True)).check_writable()
@@ -116,7 +121,7 @@ def run(prepared: Prepared, *, device: str, reporter: Reporter, locked: bool = F
         loaded=prepared.loaded,
         source=prepared.plan.source,
         storage_root=prepared.storage,
-        requested_device=device,
+        requested_device=prepared.device,
         reporter=reporter,
         plan=prepared.plan,
     )

@@ -92,7 +92,7 @@ def rebuild(recipe_path: Path, *, cache_dir: Path | None, storage: str | None) -
     try:
         reporter = Reporter()
         prepared = prepare(recipe_path, cache_dir=cache_dir, storage=storage, reporter=reporter)
-        report = run_prepared(prepared, device="auto", reporter=reporter)
+        report = run_prepared(prepared, reporter=reporter)
         failures = [line for o in report.outcomes.values() if o.stage.kind == "gate" and "checks" in o.result
                     for line in failure_lines(o.stage.variant or o.stage.id, o.result)]
         if failures:

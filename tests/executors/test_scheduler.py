@@ -284,6 +284,42 @@ def test_every_planned_stage_gets_the_roles_its_runner_takes(tmp_path, tiny_mode
     assert expected <= kinds
 
 
+
+def test_a_gpu_build_keys_the_stages_that_compute_on_it_apart_from_a_cpu_build(tmp_path, tiny_smol, wikitext):
+    """GPU and CPU builds round differently (bf16 vs fp32 compute): baseline, quantize and evaluate
+    get keys per device class; llama.cpp's stages (CPU only), gates and publishes of the same
+    inputs do not change, and CPU keys carry nothing new."""
+    from pipeline.plan.build import build_plan
+    from pipeline.recipe.load import load_recipe
+    from tests.backends.test_llamacpp import gguf_recipe
+
+    loaded = load_recipe(gguf_recipe(tmp_path, tiny_smol, wikitext, "- name: fp8\n  backend: llmcompressor\n"
+                                     "  scheme: FP8_DYNAMIC\n- name: q8\n  backend: llamacpp\n  type: Q8_0\n"))
+    cpu, gpu, other = (build_plan(loaded, device=d).by_id() for d in ("cpu", "cuda", "cuda:1"))
+    assert all("compute" not in s.params for s in cpu.values())
+    moved = {i for i in cpu if cpu[i].key != gpu[i].key}
+    computing = {"baseline", "quantize/fp8", "evaluate/fp8"}
+    assert computing <= moved
+    # Whatever reads those (gates, publishes, GGUF scoring against the baseline) moves with them.
+    assert {i for i in cpu if gpu[i].params.get("compute") == "cuda"} == computing
+    assert cpu["fetch"].key == gpu["fetch"].key and cpu["quantize/q8"].key == gpu["quantize/q8"].key
+    assert {i: s.key for i, s in gpu.items()} == {i: s.key for i, s in other.items()}
+
+
+def test_the_device_is_fixed_before_planning(monkeypatch):
+    from pipeline import hardware
+    from pipeline.errors import InputError
+    from pipeline.quality.runner import compute_device
+
+    # On a cluster a stage gets a GPU only under --device cuda: auto plans for the CPU.
+    assert compute_device("auto", here=False) == "cpu"
+    assert compute_device(" CUDA:1 ", here=False) == "cuda:1"
+    with pytest.raises(InputError, match="unknown device 'tpu'"):
+        compute_device("tpu", here=False)
+    # Here, with no GPU the driver reports, auto is the CPU (torch not consulted).
+    monkeypatch.setattr(hardware, "gpu_architectures", lambda: ())
+    assert compute_device("auto", here=True) == "cpu"
+
 # -- peak memory per stage ----------------------------------------------------------------------
 
 MB = 10**6
