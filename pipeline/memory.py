@@ -20,8 +20,11 @@ parameters; ``T``: its largest tensor; ``L``: its largest decoder layer; 4 bytes
   bytes + 4 x (2 L + H))``, ``H``: the sum of squared input widths of the largest layer's
   matrices (one Hessian each); the two layer copies are the fp32 view the pipeline keeps onloaded
   and the fp32 values the modifiers write.
-- ``whole-fp32``: the whole model in fp32 (ModelOpt, evaluation of formats not read layer by
-  layer): ``R + 1.1 x 4 x (N + 3 x S x V)`` (``S = 0`` for stages that score no window).
+- ``layerwise``: the whole model in its stored dtype, calibrated one decoder layer at a time in
+  fp32 (ModelOpt's layerwise calibration, ``pipeline.backends.modelopt``): ``R + 1.1 x (stored
+  bytes + 4 x 2 L)`` (the layer being calibrated and, for a moment, the one before it).
+- ``whole-fp32``: the whole model in fp32 (evaluation of formats not read layer by layer):
+  ``R + 1.1 x 4 x (N + 3 x S x V)`` (``S = 0`` for stages that score no window).
 - ``whole-stored``: the whole model in its stored dtype (data-free llm-compressor ``oneshot``):
   ``R + 1.1 x stored bytes``.
 - ``shard``: one safetensors file and its quantized output (llm-compressor's ``model_free``):
@@ -51,7 +54,7 @@ from pathlib import Path
 # Measured: 0.40 GB anonymous memory once torch, transformers, accelerate and llm-compressor are
 # imported; the rest is the run's own heap (tokenizer, reference, plan).
 RUNTIME_BYTES = 600_000_000
-MODELS = ("streamed", "layered", "whole-fp32", "whole-stored", "shard")
+MODELS = ("streamed", "layered", "layerwise", "whole-fp32", "whole-stored", "shard")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _ITEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "U32": 4, "U16": 2}
@@ -124,6 +127,8 @@ def need(model: str, facts: Tensors, seq_len: int = 0) -> int:
         return RUNTIME_BYTES + int(1.1 * 4 * (max(facts.largest_tensor, facts.largest_layer) + logits))
     if model == "layered":
         return RUNTIME_BYTES + int(1.1 * (facts.stored_bytes + 4 * (2 * facts.largest_layer + facts.largest_hessians)))
+    if model == "layerwise":
+        return RUNTIME_BYTES + int(1.1 * (facts.stored_bytes + 4 * 2 * facts.largest_layer))
     if model == "whole-fp32":
         return RUNTIME_BYTES + int(1.1 * 4 * (facts.values + logits))
     if model == "whole-stored":
@@ -168,6 +173,7 @@ def scored_window(stage) -> int:
 _WORDS = {
     "streamed": "one layer at a time in fp32",
     "layered": "the model in its stored dtype, one layer at a time in fp32",
+    "layerwise": "the model in its stored dtype, calibrated one layer at a time in fp32",
     "whole-fp32": "the whole model in fp32",
     "whole-stored": "the whole model in its stored dtype",
     "shard": "one checkpoint file and its output",

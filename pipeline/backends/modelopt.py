@@ -8,7 +8,10 @@ the preset config for the variant's ``qformat`` (``mtq.FP8_DEFAULT_CFG``, ``NVFP
 ``hf_quant_config.json`` and a ``quantization_config`` in ``config.json`` (``quant_method:
 modelopt``), which TensorRT-LLM's PyTorch backend and vLLM read. ModelOpt's TensorRT-LLM checkpoint
 export is deprecated upstream and not used. Calibration runs in fp32 on CPUs (bf16 matmuls are ~5x
-slower there); scales come from those fp32 ranges.
+slower there); scales come from those fp32 ranges. The model is held in its stored dtype and
+calibrated one decoder layer at a time (ModelOpt's layerwise calibration), each layer computed in
+fp32 while it is worked on (``_fp32_layer_by_layer``): the scales and exported tensors of the model
+loaded whole in fp32, bit for bit (tested on every format), in about the stored model's memory.
 
 Evaluation scores the exported files, not the in-memory simulation (the export unifies scales of
 layers an engine fuses, e.g. q/k/v): ``pipeline.backends.modelopt_checkpoint``.
@@ -173,6 +176,11 @@ class ModelOptBackend(Quantizer):
     extra = "modelopt"
     chain = "trtllm"  # the standard chain, then the variant's requested engines
 
+    def memory(self, variant: Any) -> dict[str, str | None]:
+        # Calibrated: the stored model, one layer in fp32 (``_fp32_layer_by_layer``); data-free:
+        # the stored model. The export is scored from the whole model in fp32.
+        return {"quantize": "layerwise" if variant.needs_calibration() else "whole-stored", "evaluate": "whole-fp32"}
+
     def describe(self, variant: Any) -> FormatInfo:
         info = QFORMATS[variant.qformat]
         engines = tuple(info["gpus"])
@@ -268,25 +276,34 @@ class ModelOptBackend(Quantizer):
         mtq = _import_modelopt()
         from modelopt.torch.export import export_hf_checkpoint
 
-        work_dtype = torch.float32 if device == "cpu" else source_dtype
         with _quiet_library_logs():
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=work_dtype).to(device)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=source_dtype).to(device)
         model.eval()
         config = quant_config(variant)
+        # Data-free, only weight ranges are taken: exact in the stored dtype. Calibrated on a CPU,
+        # a layer at a time in fp32 where ModelOpt can find the decoder layers, else whole in fp32.
+        layers = _decoder_layers(model) if calibration is not None and device == "cpu" else None
+        if layers is not None:
+            config["algorithm"] = _layerwise(config.get("algorithm"))
+        elif calibration is not None and device == "cpu":
+            model.float()
 
         def forward_loop(m):
             with torch.no_grad():
                 for ids in calibration:
-                    m(torch.tensor([ids], device=device))
+                    # No KV cache: layerwise calibration replays captured inputs, and a captured
+                    # cache (reset, not emptied) would add zero keys to every replay.
+                    m(torch.tensor([ids], device=device), use_cache=False)
 
         try:
             with _quiet_library_logs():
-                mtq.quantize(model, config, forward_loop=forward_loop if calibration is not None else None)
+                with _fp32_layer_by_layer(model, layers):
+                    mtq.quantize(model, config, forward_loop=forward_loop if calibration is not None else None)
                 # The export converts quantized weights to ``dtype`` but writes every other
                 # tensor (embeddings, norms, unquantized layers) as it finds it, and runs a
                 # forward (AWQ's scale fusion) that needs one dtype throughout: the whole model
-                # goes back to the source dtype first, as a bf16 model quantized on a GPU is
-                # (calibrated ranges are then bf16 values, as they are there).
+                # goes back to the source dtype first (the fp32 hooks removed), as a bf16 model
+                # quantized on a GPU is (calibrated ranges are then bf16 values, as they are there).
                 model.to(source_dtype)
                 export_hf_checkpoint(model, dtype=source_dtype, export_dir=str(out))
         except (ValueError, RuntimeError, AssertionError, NotImplementedError) as e:
@@ -331,6 +348,60 @@ def quant_config(variant) -> dict[str, Any]:
         kv = getattr(mtq, KV_QFORMATS[variant.kv_cache_qformat])
         config["quant_cfg"] = list(config["quant_cfg"]) + copy.deepcopy(list(kv["quant_cfg"]))
     return config
+
+
+def _decoder_layers(model) -> list | None:
+    """The decoder layers ModelOpt's layerwise calibration walks, or None where it finds none."""
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+    if not LayerActivationCollector.is_supported(model):
+        return None
+    return list(LayerActivationCollector.get_decoder_layers(model))
+
+
+def _layerwise(algorithm) -> dict[str, Any]:
+    """The preset's calibration algorithm (a name or a dict) run one decoder layer at a time."""
+    spec = {"method": algorithm or "max"} if not isinstance(algorithm, dict) else dict(algorithm)
+    return {**spec, "layerwise": {"enable": True}}
+
+
+@contextlib.contextmanager
+def _fp32_layer_by_layer(model, layers: list | None):
+    """While ModelOpt calibrates ``layers`` one at a time (its layerwise mode: it records a layer's
+    inputs, then runs the algorithm on that layer alone), the layer being calibrated is computed in
+    fp32 and the finished ones go back to the stored dtype, with the quantizer buffers they carry
+    (the cast the export makes anyway). The embeddings' output is fp32, so the rotary tables and
+    masks derived from the hidden states are those of an fp32 model. The last layer is promoted
+    already when its inputs are recorded: the algorithm starts on it right after, without a
+    forward first (AWQ reads the weights when it sets up). Then the scales are those of the model
+    loaded whole in fp32, and at most two layers are in fp32 at once."""
+    if layers is None:
+        yield
+        return
+    import torch
+
+    stored = next(model.parameters()).dtype
+    handles = [model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.float())]
+
+    def promote(index: int):
+        def hook(layer, _args):
+            if getattr(getattr(layer, "_layerwise_calib", None), "mode", None) == "capture":
+                if index == len(layers) - 1:
+                    layer.float()
+                return
+            for done in layers[:index]:
+                if next(done.parameters()).dtype != stored:
+                    done.to(stored)
+            if next(layer.parameters()).dtype != torch.float32:
+                layer.float()
+        return hook
+
+    handles += [layer.register_forward_pre_hook(promote(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _entries(config, name: str) -> list[dict]:

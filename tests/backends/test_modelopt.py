@@ -370,6 +370,44 @@ def test_exported_fp8_on_gpu_matches_cpu_evaluation(built):
     assert torch.allclose(cpu, gpu, atol=2e-2, rtol=1e-2)
 
 
+
+@pytest.mark.parametrize("opts", [{"qformat": "fp8"}, {"qformat": "fp8", "kv_cache_qformat": "fp8"},
+                                  {"qformat": "fp8_pc_pt"}, {"qformat": "nvfp4"}, {"qformat": "nvfp4_mlp_only"},
+                                  {"qformat": "int4_awq", "awq_block_size": 32, "awq_alpha_step": 0.5},
+                                  {"qformat": "int8_sq"}], ids=lambda o: "+".join(map(str, o.values())))
+def test_layer_at_a_time_calibration_exports_what_the_fp32_model_exports(tmp_path, tiny_model, opts):
+    """The model held in bf16 and calibrated one layer at a time in fp32 (ModelOpt's layerwise
+    mode) writes the tensors of ModelOpt's flow on the model loaded whole in fp32, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.backends import modelopt as mo
+
+    variant = mo.ModelOptVariant(name="x", backend="modelopt", **opts)
+    g = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (64, 17, 48, 64)]
+    if not variant.needs_calibration():
+        calibration = None
+    mo.ModelOptBackend().quantize(variant, tiny_model, tmp_path / "layered", calibration=calibration, device="cpu")
+
+    mtq = mo._import_modelopt()
+    from modelopt.torch.export import export_hf_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad(), mo._quiet_library_logs():
+        mtq.quantize(model, mo.quant_config(variant), forward_loop=None if calibration is None else (
+            lambda m: [m(torch.tensor([ids])) for ids in calibration]))
+        model.to(torch.bfloat16)
+        export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(tmp_path / "whole"))
+    ours, reference = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("layered", "whole"))
+    assert ours.keys() == reference.keys()
+    different = [k for k in ours if ours[k].dtype != reference[k].dtype
+                 or not torch.equal(ours[k].reshape(-1).view(torch.uint8), reference[k].reshape(-1).view(torch.uint8))]
+    assert not different, different[:5]
+    if calibration is not None:  # the path under test was the layer-at-a-time one
+        assert mo._decoder_layers(AutoModelForCausalLM.from_pretrained(tiny_model)) is not None
+
 @pytest.mark.parametrize("fmt", ["fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "nvfp4"])
 def test_dequantization_inverts_modelopts_export_packing(fmt):
     """Each stored layout, written by ModelOpt's own ``to_quantized_weight``, dequantizes to the
