@@ -27,6 +27,7 @@ import contextlib
 import copy
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,8 +179,8 @@ class ModelOptBackend(Quantizer):
 
     def memory(self, variant: Any) -> dict[str, str | None]:
         # Calibrated: the stored model, one layer in fp32 (``_fp32_layer_by_layer``); data-free:
-        # the stored model. The export is scored from the whole model in fp32.
-        return {"quantize": "layerwise" if variant.needs_calibration() else "whole-stored", "evaluate": "whole-fp32"}
+        # the stored model. The export is scored a layer at a time (``scores``).
+        return {"quantize": "layerwise" if variant.needs_calibration() else "whole-stored", "evaluate": "streamed"}
 
     def describe(self, variant: Any) -> FormatInfo:
         info = QFORMATS[variant.qformat]
@@ -330,6 +331,15 @@ class ModelOptBackend(Quantizer):
         from pipeline.backends.modelopt_checkpoint import load_exported
 
         return load_exported(path, device)
+
+    def scores(self, path: Path, windows, device: str, scratch: Path) -> Iterator:
+        """Layer by layer from the exported files: each module dequantized as the pass reaches it
+        (the values ``load_for_eval`` computes; ``modelopt_checkpoint.load_streamed``)."""
+        from pipeline.backends.modelopt_checkpoint import load_streamed
+        from pipeline.quality.streamed import streamed_logprobs
+
+        model, weights = load_streamed(path, device, scratch)
+        yield from streamed_logprobs(model, windows, device, weights, scratch=scratch)
 
 
 def quant_config(variant) -> dict[str, Any]:

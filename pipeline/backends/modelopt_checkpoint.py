@@ -12,10 +12,15 @@ simulated on the post-RoPE keys and values through a registered attention functi
 
 The tensor layouts are ModelOpt's export (``modelopt.torch.export.quant_utils.to_quantized_weight``);
 tests pin each dequantization to a round trip through that function.
+
+``load_streamed`` is the same model for ``pipeline.quality.streamed``: decoder layers, embeddings
+and the output head stay in the files and are dequantized one module at a time as the layer-major
+pass reaches them (``ExportedWeights``), so an evaluation holds about one layer, not the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -235,3 +240,168 @@ def _use_fp8_kv_attention(model) -> None:
 
     AttentionInterface.register(_KV_ATTENTION, fp8_kv_attention)
     model.set_attn_implementation(_KV_ATTENTION)
+
+
+def load_streamed(path: Path, device: str, scratch: Path | None):
+    """The exported checkpoint at ``path`` as ``load_exported`` builds it, with the decoder layers,
+    embeddings and output head left in the files (their parameters on meta) for the returned
+    ``ExportedWeights`` to materialise one at a time; everything else (norms), the activation
+    simulation and the KV-cache scales are set up now.
+
+    Returns:
+        ``(model, weights)`` for ``pipeline.quality.streamed.streamed_logprobs``.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.quality.streamed import _layers
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # transformers' own ModelOpt path would drop the scales
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    names = {module: name for name, module in model.named_modules()}
+    streamed = [names[m] for m in _layers(model)]
+    streamed += [names[m] for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    weights = ExportedWeights(model, path, scratch)
+    weights.set_up(device, streamed)
+    return model.eval(), weights
+
+
+class ExportedWeights:
+    """The parameters of a ``load_streamed`` model, read from the exported files per module on
+    demand (quantized Linear weights dequantized as ``load_exported`` does) and released back to
+    meta: ``pipeline.quality.streamed``'s ``load(prefix, device)`` / ``release(prefix)``."""
+
+    def __init__(self, model, path: Path, scratch: Path | None):
+        from safetensors import safe_open
+
+        self.model, self.scratch = model, scratch
+        self.quant = json.loads((path / "hf_quant_config.json").read_text(encoding="utf-8"))["quantization"]
+        self.files: dict[str, str] = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                self.files.update(dict.fromkeys(f.keys(), str(shard)))
+        self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        self.fold: dict[str, Any] = {}  # Linear -> pre-quant scale folded into its dense weight
+        self.used: set[str] = set()
+
+    def set_up(self, device: str, streamed: list[str]) -> None:
+        """Activation simulation, KV-cache scales and the parameters outside ``streamed``; the
+        checkpoint checked against the architecture (nothing missing, nothing left over)."""
+        import torch
+
+        algo = self.quant.get("quant_algo")
+        qdq, simulated, kv_layers = ActivationQDQ(), 0, 0
+        with self._opened() as files:
+            get = files.get
+            for name, module in self.model.named_modules():
+                if not isinstance(module, torch.nn.Linear) or f"{name}.weight" not in self.files:
+                    continue
+                for kind in ("k", "v"):  # ModelOpt stores KV-cache scales on k_proj / v_proj
+                    kv_scale = get(f"{name}.{kind}_scale")
+                    if kv_scale is not None:
+                        parent = self.model.get_submodule(name.rsplit(".", 1)[0])
+                        setattr(parent, f"modelbuild_{kind}_scale", kv_scale.float().to(device))
+                        kv_layers += kind == "k"
+                if f"{name}.weight_scale" not in self.files:
+                    continue  # left unquantized by the export
+                input_scale, pre_quant = get(f"{name}.input_scale"), get(f"{name}.pre_quant_scale")
+                spec = activation_spec(algo, input_scale)
+                if spec is not None:
+                    module.register_forward_pre_hook(qdq.hook(spec, input_scale, pre_quant, device))
+                    simulated += 1
+                elif pre_quant is not None:
+                    self.fold[name] = pre_quant.float()  # W(x * s) == (W * s) x
+            expected = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+            missing = sorted(n for n in expected if self._key(n) not in self.files)
+            unexpected = sorted(k for k in self.files if k not in self.used and k not in expected
+                                and not k.endswith(("_scale", "_scale_2")))
+            if missing or unexpected:
+                raise StageError(
+                    f"exported checkpoint does not match its architecture: missing {missing[:4]}, unexpected {unexpected[:4]}",
+                    fix="the export may come from another ModelOpt version; rebuild the variant",
+                )
+        kept = {n.rpartition(".")[0] for n, _ in self.model.named_parameters()}
+        for owner in sorted(kept):
+            if not any(owner == s or owner.startswith(s + ".") for s in streamed):
+                self.load(owner, device, recurse=False)
+        if self.quant.get("kv_cache_quant_algo"):
+            if self.quant["kv_cache_quant_algo"] != "FP8":
+                raise StageError(f"no CPU simulation for KV cache {self.quant['kv_cache_quant_algo']}")
+            if kv_layers == 0:
+                raise StageError("hf_quant_config.json names an FP8 KV cache but the export has no k/v scales")
+            _use_fp8_kv_attention(self.model)
+        self.model.modelbuild_simulated_layers = simulated
+
+    def _key(self, name: str) -> str:
+        """The stored tensor of parameter ``name`` (a tied output head reads the embedding's)."""
+        if name not in self.files and self.tied and name.endswith("lm_head.weight"):
+            embedding = self.model.get_input_embeddings()
+            return next(f"{n}.weight" for n, m in self.model.named_modules() if m is embedding)
+        return name
+
+    @contextlib.contextmanager
+    def _opened(self):
+        """The files for a block of reads (each header parsed once)."""
+        with contextlib.ExitStack() as stack:
+            yield _Files(self.files, stack, self.used)
+
+    def load(self, prefix: str, device: str, *, recurse: bool = True) -> None:
+        """Materialise the parameters of module ``prefix`` (and of its submodules) in fp32."""
+        import torch
+        from accelerate.utils import set_module_tensor_to_device
+
+        from pipeline.quality.streamed import _read
+
+        algo, group_size = self.quant.get("quant_algo"), self.quant.get("group_size")
+        module = self.model.get_submodule(prefix)
+        owners = module.named_modules(prefix=prefix) if recurse else [(prefix, module)]
+        with self._opened() as files:
+            get = files.get
+            for qualified, owner in owners:
+                for name, param in list(owner.named_parameters(recurse=False)):
+                    if param.device.type != "meta":
+                        continue
+                    key = self._key(f"{qualified}.{name}")
+                    if name == "weight" and f"{qualified}.weight_scale" in self.files:
+                        scale_2 = get(f"{qualified}.weight_scale_2")
+                        value = dequantize_weight(get(key), get(f"{qualified}.weight_scale"), scale_2, algo, group_size)
+                        if qualified in self.fold:
+                            value = value * self.fold[qualified][None, :]
+                    else:
+                        value = _read(files.file(key), key, torch.float32, self.scratch if device == "cpu" else None)
+                    set_module_tensor_to_device(owner, name, device, value=value, dtype=value.dtype)
+
+    def release(self, prefix: str) -> None:
+        """Every parameter of module ``prefix`` back to meta."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for _qualified, owner in self.model.get_submodule(prefix).named_modules():
+            for name, _ in list(owner.named_parameters(recurse=False)):
+                set_module_tensor_to_device(owner, name, "meta")
+
+
+class _Files:
+    """Safetensors files opened on first use within one block (``ExportedWeights._opened``)."""
+
+    def __init__(self, index: dict[str, str], stack: contextlib.ExitStack, used: set[str]):
+        self.index, self.stack, self.used = index, stack, used
+        self.opened: dict[str, Any] = {}
+
+    def file(self, key: str):
+        """The open file holding ``key`` (which counts as read)."""
+        from safetensors import safe_open
+
+        path = self.index[key]
+        if path not in self.opened:
+            self.opened[path] = self.stack.enter_context(safe_open(path, framework="pt"))
+        self.used.add(key)
+        return self.opened[path]
+
+    def get(self, key: str):
+        """The stored tensor ``key``, or None when the export has none."""
+        return self.file(key).get_tensor(key) if key in self.index else None

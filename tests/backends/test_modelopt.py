@@ -130,6 +130,30 @@ def test_exported_checkpoint_is_scored_with_its_scales(built):
     assert sq.modelbuild_simulated_layers == 14
 
 
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_exported_checkpoint_is_scored_a_layer_at_a_time_as_from_memory(built, name, tmp_path):
+    """The evaluation reads the export a module at a time (decoder layers, embeddings, head on meta
+    until the pass reaches them) and computes the logits of the whole dequantized model."""
+    import torch
+
+    from pipeline.backends.modelopt import ModelOptBackend
+    from pipeline.backends.modelopt_checkpoint import load_exported, load_streamed
+    from pipeline.quality.streamed import streamed_logprobs
+
+    folder = built["published"][name]
+    windows = torch.randint(3, 512, (3, 40), generator=torch.Generator().manual_seed(0))
+    model, _weights = load_streamed(folder, "cpu", tmp_path)
+    kept = {n for n, p in model.named_parameters() if p.device.type != "meta"}
+    assert kept and all(".layers." not in n and "embed" not in n and "lm_head" not in n for n in kept)
+    whole = load_exported(folder, "cpu")
+    assert model.modelbuild_simulated_layers == whole.modelbuild_simulated_layers
+    streamed = list(ModelOptBackend().scores(folder, windows, "cpu", tmp_path))
+    reference = list(streamed_logprobs(whole, windows, "cpu"))
+    for (a, ids_a), (b, ids_b) in zip(streamed, reference, strict=True):
+        assert torch.equal(ids_a, ids_b)
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (a - b).abs().max()
+
 def test_engine_stage_is_planned_and_reported_not_built_without_a_gpu(cli, dirs, tmp_path, tiny_model, wikitext):
     recipe = modelopt_recipe(tmp_path, tiny_model, wikitext, """\
         - name: mo-fp8
