@@ -295,7 +295,8 @@ def test_a_gpu_build_keys_the_stages_that_compute_on_it_apart_from_a_cpu_build(t
 
     loaded = load_recipe(gguf_recipe(tmp_path, tiny_smol, wikitext, "- name: fp8\n  backend: llmcompressor\n"
                                      "  scheme: FP8_DYNAMIC\n- name: q8\n  backend: llamacpp\n  type: Q8_0\n"))
-    cpu, gpu, other = (build_plan(loaded, device=d).by_id() for d in ("cpu", "cuda", "cuda:1"))
+    store = CacheStore(tmp_path / "cache")  # plan-time checks (the converter's vocabulary) asked once
+    cpu, gpu, other = (build_plan(loaded, store=store, device=d).by_id() for d in ("cpu", "cuda", "cuda:1"))
     assert all("compute" not in s.params for s in cpu.values())
     moved = {i for i in cpu if cpu[i].key != gpu[i].key}
     computing = {"baseline", "quantize/fp8", "evaluate/fp8"}
