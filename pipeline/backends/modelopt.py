@@ -8,10 +8,11 @@ the preset config for the variant's ``qformat`` (``mtq.FP8_DEFAULT_CFG``, ``NVFP
 ``hf_quant_config.json`` and a ``quantization_config`` in ``config.json`` (``quant_method:
 modelopt``), which TensorRT-LLM's PyTorch backend and vLLM read. ModelOpt's TensorRT-LLM checkpoint
 export is deprecated upstream and not used. Calibration runs in fp32 on CPUs (bf16 matmuls are ~5x
-slower there); scales come from those fp32 ranges. The model is held in its stored dtype and
-calibrated one decoder layer at a time (ModelOpt's layerwise calibration), each layer computed in
-fp32 while it is worked on (``_fp32_layer_by_layer``): the scales and exported tensors of the model
-loaded whole in fp32, bit for bit (tested on every format), in about the stored model's memory.
+slower there); scales come from those fp32 ranges. A model whose fp32 copy does not fit the host
+is held in its stored dtype and calibrated one decoder layer at a time (ModelOpt's layerwise
+calibration), each layer computed in fp32 while it is worked on (``_fp32_layer_by_layer``): the
+scales and exported tensors of the model loaded whole in fp32, bit for bit (tested on every
+format), in about the stored model's memory.
 
 Evaluation scores the exported files, not the in-memory simulation (the export unifies scales of
 layers an engine fuses, e.g. q/k/v): ``pipeline.backends.modelopt_checkpoint``.
@@ -281,12 +282,16 @@ class ModelOptBackend(Quantizer):
             model = AutoModelForCausalLM.from_pretrained(source, dtype=source_dtype).to(device)
         model.eval()
         config = quant_config(variant)
-        # Data-free, only weight ranges are taken: exact in the stored dtype. Calibrated on a CPU,
-        # a layer at a time in fp32 where ModelOpt can find the decoder layers, else whole in fp32.
-        layers = _decoder_layers(model) if calibration is not None and device == "cpu" else None
+        # Data-free, only weight ranges are taken: exact in the stored dtype. Calibrated on a CPU:
+        # the whole model in fp32 when it fits (the fastest: layerwise calibration runs each layer
+        # about twice), else held in the stored dtype and calibrated a layer at a time in fp32,
+        # where ModelOpt finds the decoder layers. Both export the same bytes (tested), so the
+        # choice is the host memory's alone and stays out of the key.
+        calibrated_here = calibration is not None and device == "cpu"
+        layers = _decoder_layers(model) if calibrated_here and not _whole_fp32_fits(source) else None
         if layers is not None:
             config["algorithm"] = _layerwise(config.get("algorithm"))
-        elif calibration is not None and device == "cpu":
+        elif calibrated_here:
             model.float()
 
         def forward_loop(m):
@@ -358,6 +363,14 @@ def quant_config(variant) -> dict[str, Any]:
         kv = getattr(mtq, KV_QFORMATS[variant.kv_cache_qformat])
         config["quant_cfg"] = list(config["quant_cfg"]) + copy.deepcopy(list(kv["quant_cfg"]))
     return config
+
+
+def _whole_fp32_fits(source: Path) -> bool:
+    """Whether this host holds the whole model in fp32 (``pipeline.memory``'s ``whole-fp32``)."""
+    from pipeline import memory
+
+    facts = memory.tensors(source)
+    return facts is None or memory.need("whole-fp32", facts) <= memory.host_memory()[0]
 
 
 def _decoder_layers(model) -> list | None:

@@ -399,14 +399,22 @@ def test_exported_fp8_on_gpu_matches_cpu_evaluation(built):
                                   {"qformat": "fp8_pc_pt"}, {"qformat": "nvfp4"}, {"qformat": "nvfp4_mlp_only"},
                                   {"qformat": "int4_awq", "awq_block_size": 32, "awq_alpha_step": 0.5},
                                   {"qformat": "int8_sq"}], ids=lambda o: "+".join(map(str, o.values())))
-def test_layer_at_a_time_calibration_exports_what_the_fp32_model_exports(tmp_path, tiny_model, opts):
+@pytest.mark.parametrize("fits", [False, True], ids=["layer-at-a-time", "whole-fp32"])
+def test_layer_at_a_time_calibration_exports_what_the_fp32_model_exports(tmp_path, tiny_model, opts, fits,
+                                                                        monkeypatch):
     """The model held in bf16 and calibrated one layer at a time in fp32 (ModelOpt's layerwise
-    mode) writes the tensors of ModelOpt's flow on the model loaded whole in fp32, bit for bit."""
+    mode, used when the fp32 model would not fit the host) writes the tensors of ModelOpt's flow on
+    the model loaded whole in fp32, bit for bit; so does the whole-fp32 path used when it fits."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from pipeline.backends import modelopt as mo
+
+    monkeypatch.setattr(mo, "_whole_fp32_fits", lambda source: fits)
+    took = []
+    decoder_layers = mo._decoder_layers
+    monkeypatch.setattr(mo, "_decoder_layers", lambda model: took.append(1) or decoder_layers(model))
 
     variant = mo.ModelOptVariant(name="x", backend="modelopt", **opts)
     g = torch.Generator().manual_seed(0)
@@ -429,8 +437,7 @@ def test_layer_at_a_time_calibration_exports_what_the_fp32_model_exports(tmp_pat
     different = [k for k in ours if ours[k].dtype != reference[k].dtype
                  or not torch.equal(ours[k].reshape(-1).view(torch.uint8), reference[k].reshape(-1).view(torch.uint8))]
     assert not different, different[:5]
-    if calibration is not None:  # the path under test was the layer-at-a-time one
-        assert mo._decoder_layers(AutoModelForCausalLM.from_pretrained(tiny_model)) is not None
+    assert bool(took) == (calibration is not None and not fits)  # the path under test was taken
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "nvfp4"])
 def test_dequantization_inverts_modelopts_export_packing(fmt):
