@@ -92,6 +92,17 @@ class MemoryCgroup:
         except (OSError, ValueError):
             return None
 
+    def anon(self) -> int:
+        """The members' anonymous memory now, in bytes (every process of the tree: tools a step
+        runs as subprocesses count too); 0 when unknown."""
+        key = {1: "rss", 2: "anon"}.get(self.version or 0)
+        with contextlib.suppress(OSError, ValueError):
+            for line in _read(self.path / "memory.stat").splitlines() if key else ():
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+        return 0
+
     def oom_kills(self) -> int:
         """How many members the kernel killed for going over the limit."""
         text = {1: "memory.oom_control", 2: "memory.events"}.get(self.version or 0)
@@ -175,7 +186,8 @@ def measure(cmd: list[str]) -> dict:
 def run_sampled(cmd: list[str], cgroup: MemoryCgroup | None = None, env: dict[str, str] | None = None) -> dict:
     """One command in ``cgroup`` (if given): wall time, peak resident memory (``wait4``; it counts
     memory-mapped file pages, which the kernel drops under a limit instead of failing), peak
-    anonymous memory (sampled every 0.1 s), the cgroup's peak, exit status, output.
+    anonymous memory (sampled every 0.1 s: the command's own, or in a cgroup the whole process
+    tree's, whichever is larger), the cgroup's peak, exit status, output.
 
     Returns bytes as ``rss_mb``/``anon_mb``/``cgroup_mb`` (MiB) and ``stderr`` (its last 2,000
     characters); never exits on failure (the callers show a limit's kill).
@@ -199,6 +211,8 @@ def run_sampled(cmd: list[str], cgroup: MemoryCgroup | None = None, env: dict[st
             for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
                 if line.startswith("RssAnon:"):
                     anon = max(anon, int(line.split()[1]) * 1024)
+        if cgroup is not None:
+            anon = max(anon, cgroup.anon())
         time.sleep(0.1)
     wall = time.perf_counter() - start
     for t in threads:

@@ -1,4 +1,4 @@
-"""Benchmark: GPTQ on a model held in bf16 with one layer at a time in fp32, against the fp32 model.
+"""Benchmark: GPTQ (or a ModelOpt format) on a model held in bf16 with one layer at a time in fp32, against the fp32 model.
 
 1. Writes a synthetic checkpoint (``pipeline.sources.synthetic``: random bf16 weights, a real
    configuration; default Llama-3.2-1B, 2.47 GB) once into the work folder.
@@ -16,10 +16,15 @@
    memory model for the stage (``pipeline.memory``: ``layered``), the ratios, and whether the
    two checkpoints hold identical tensors (they should: one calibration pass).
 
+With ``--modelopt QFORMAT`` (e.g. ``fp8``) the variant is ModelOpt's instead: by hand is its flow
+on the model loaded whole in fp32 (``mtq.quantize``, cast to bf16, ``export_hf_checkpoint``),
+modelbuild's the model held in bf16 and calibrated one layer at a time in fp32
+(``pipeline.backends.modelopt``; memory model ``layerwise``).
+
 Needs root for the cgroup (``_common.MemoryCgroup``); without it the limit is not enforced and
 the script says so. Usage:
     .venv/bin/python benchmarks/calibrated_at_scale.py [--shape llama-3.2-1b] [--workdir DIR]
-        [--samples 8] [--seq-len 256] [--limit-gb G]
+        [--samples 8] [--seq-len 256] [--limit-gb G] [--skip-by-hand] [--modelopt QFORMAT]
 """
 
 from __future__ import annotations
@@ -39,16 +44,33 @@ COMMON = """
 import json, sys, torch
 from pathlib import Path
 from pipeline.backends import llmcompressor as lc
-src, out, samples, seq_len = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-variant = lc.LLMCompressorVariant(name='w4a16-gptq', backend='llmcompressor', scheme='W4A16', algorithm='gptq',
-                                  group_size=128)
+from pipeline.backends import modelopt as mo
+src, out, samples, seq_len, qformat = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+if qformat == '-':
+    variant = lc.LLMCompressorVariant(name='w4a16-gptq', backend='llmcompressor', scheme='W4A16', algorithm='gptq',
+                                      group_size=128)
+else:
+    variant = mo.ModelOptVariant(name='modelopt', backend='modelopt', qformat=qformat)
 vocab = json.loads((src / 'config.json').read_text())['vocab_size']
 g = torch.Generator().manual_seed(0)
 calibration = [torch.randint(0, vocab, (seq_len,), generator=g).tolist() for _ in range(samples)]
 """
 
 MODELBUILD = COMMON + """
-lc.LLMCompressorBackend().quantize(variant, src, out, calibration=calibration, device='cpu')
+backend = lc.LLMCompressorBackend() if qformat == '-' else mo.ModelOptBackend()
+backend.quantize(variant, src, out, calibration=calibration, device='cpu')
+"""
+
+BY_HAND_MODELOPT = COMMON + """
+from modelopt.torch.export import export_hf_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
+mtq = mo._import_modelopt()
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+with torch.no_grad():
+    mtq.quantize(model, mo.quant_config(variant), forward_loop=lambda m: [m(torch.tensor([ids])) for ids in calibration])
+    model.to(torch.bfloat16)
+    export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(out))
+AutoTokenizer.from_pretrained(src).save_pretrained(out)
 """
 
 BY_HAND = COMMON + """
@@ -78,7 +100,8 @@ def tensors(folder):
         out.update(load_file(str(f)))
     return out
 a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
-same = a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+bits = lambda t: t.reshape(-1).view(torch.uint8)  # FP8 has no torch.equal
+same = a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(bits(a[k]), bits(b[k])) for k in a)
 print(json.dumps({'tensors': len(a), 'identical': same}))
 """
 
@@ -97,6 +120,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--limit-gb", type=float, default=None, help="cgroup limit (default: bf16 bytes + 3 GiB)")
+    ap.add_argument("--modelopt", default=None, metavar="QFORMAT", help="a ModelOpt variant instead of W4A16 GPTQ")
     ap.add_argument("--skip-by-hand", action="store_true", help="only modelbuild's path (a model whose fp32 copy does not fit)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -110,10 +134,14 @@ def main() -> None:
         synthetic.write(args.shape, src, max_shard_bytes=1 << 30)
     facts = memory.tensors(src)
     limit = int(args.limit_gb * 1e9) if args.limit_gb else facts.stored_bytes + (3 << 30)
-    model_need = memory.need("layered", facts)
+    from pipeline.backends.modelopt import ModelOptBackend, ModelOptVariant
+
+    model_name = "layered" if args.modelopt is None else ModelOptBackend().memory(
+        ModelOptVariant(name="m", backend="modelopt", qformat=args.modelopt))["quantize"]
+    model_need = memory.need(model_name, facts)
     print(f"{args.shape}: {facts.values / 1e9:.2f} B parameters, {facts.stored_bytes / 1e9:.2f} GB bf16, "
           f"{4 * facts.values / 1e9:.2f} GB in fp32; calibration {args.samples} x {args.seq_len} tokens; "
-          f"modelbuild's memory model (layered): {model_need / 1e9:.2f} GB; cgroup limit {limit / 1e9:.2f} GB")
+          f"modelbuild's memory model ({model_name}): {model_need / 1e9:.2f} GB; cgroup limit {limit / 1e9:.2f} GB")
 
     results = {}
     cgroup = MemoryCgroup(limit)
@@ -122,13 +150,15 @@ def main() -> None:
     try:
         sides = [("modelbuild (bf16 held, one layer in fp32)", MODELBUILD, work / "out-modelbuild", cgroup)]
         if not args.skip_by_hand:
-            sides.append(("by hand (whole model in fp32)", BY_HAND, work / "out-by-hand", None))
+            sides.append(("by hand (whole model in fp32)", BY_HAND if args.modelopt is None else BY_HAND_MODELOPT,
+                          work / "out-by-hand", None))
         for label, code, out, group in sides:
             evict_from_page_cache(src)
             if out.exists():
                 subprocess.run(["rm", "-rf", str(out)], check=True)
             print(f"running {label} ...", flush=True)
-            results[label] = r = run(code, [str(src), str(out), str(args.samples), str(args.seq_len)], group)
+            results[label] = r = run(code, [str(src), str(out), str(args.samples), str(args.seq_len),
+                                            args.modelopt or "-"], group)
             if r["exit"] != 0:
                 print(f"  failed (exit {r['exit']}): {r['stderr'][-800:]}")
             else:
