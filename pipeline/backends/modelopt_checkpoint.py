@@ -13,9 +13,10 @@ simulated on the post-RoPE keys and values through a registered attention functi
 The tensor layouts are ModelOpt's export (``modelopt.torch.export.quant_utils.to_quantized_weight``);
 tests pin each dequantization to a round trip through that function.
 
-``load_streamed`` is the same model for ``pipeline.quality.streamed``: decoder layers, embeddings
-and the output head stay in the files and are dequantized one module at a time as the layer-major
-pass reaches them (``ExportedWeights``), so an evaluation holds about one layer, not the model.
+``load_streamed`` builds that model for ``pipeline.quality.streamed``: decoder layers, embeddings and
+the output head stay in the files and are dequantized one module at a time as the layer-major pass
+reaches them (``ExportedWeights``), so an evaluation holds about one layer, not the model;
+``load_exported`` is the same model with every module materialised.
 """
 
 from __future__ import annotations
@@ -40,70 +41,13 @@ _KV_ATTENTION = "modelbuild_fp8_kv"
 
 def load_exported(path: Path, device: str):
     """The exported checkpoint at ``path`` as an fp32 transformers model computing what the
-    engine computes (weights dequantized once; activation and KV quantization simulated)."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    quant = json.loads((path / "hf_quant_config.json").read_text(encoding="utf-8"))["quantization"]
-    algo = quant.get("quant_algo")
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # transformers' own ModelOpt path would drop the scales
-    state: dict[str, Any] = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(shard)))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-    qdq = ActivationQDQ()
-    simulated = 0
-    kv_layers = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and f"{name}.weight" in state:
-            weight = state.pop(f"{name}.weight")
-            scale = state.pop(f"{name}.weight_scale", None)
-            scale_2 = state.pop(f"{name}.weight_scale_2", None)
-            input_scale = state.pop(f"{name}.input_scale", None)
-            pre_quant = state.pop(f"{name}.pre_quant_scale", None)
-            for kind in ("k", "v"):  # ModelOpt stores KV-cache scales on k_proj / v_proj
-                kv_scale = state.pop(f"{name}.{kind}_scale", None)
-                if kv_scale is not None:
-                    parent = model.get_submodule(name.rsplit(".", 1)[0])
-                    setattr(parent, f"modelbuild_{kind}_scale", kv_scale.float().to(device))
-                    kv_layers += kind == "k"
-            if scale is None:
-                state[f"{name}.weight"] = weight  # left unquantized by the export
-                continue
-            dense = dequantize_weight(weight, scale, scale_2, algo, quant.get("group_size"))
-            spec = activation_spec(algo, input_scale)
-            if pre_quant is not None and spec is None:
-                dense = dense * pre_quant.float()[None, :]  # W(x * s) == (W * s) x: fold once
-                pre_quant = None
-            state[f"{name}.weight"] = dense
-            if spec is not None:
-                module.register_forward_pre_hook(qdq.hook(spec, input_scale, pre_quant, device))
-                simulated += 1
-            elif pre_quant is not None:
-                raise StageError(f"{name}: a pre-quant scale without activation quantization could not be folded")
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise StageError(
-            f"exported checkpoint does not match its architecture: missing {sorted(set(missing) - tied)[:4]}, "
-            f"unexpected {sorted(unexpected)[:4]}",
-            fix="the export may come from another ModelOpt version; rebuild the variant",
-        )
-    if tied:
-        model.tie_weights()
-    if quant.get("kv_cache_quant_algo"):
-        if quant["kv_cache_quant_algo"] != "FP8":
-            raise StageError(f"no CPU simulation for KV cache {quant['kv_cache_quant_algo']}")
-        if kv_layers == 0:
-            raise StageError("hf_quant_config.json names an FP8 KV cache but the export has no k/v scales")
-        _use_fp8_kv_attention(model)
-    model.to(device).eval()
-    model.modelbuild_simulated_layers = simulated
+    engine computes (weights dequantized once; activation and KV quantization simulated): the
+    ``load_streamed`` model with every module materialised."""
+    model, weights = load_streamed(path, device, None)
+    for prefix in weights.streamed:
+        weights.load(prefix, device)
+    if weights.tied:
+        model.tie_weights()  # one embedding matrix, as the architecture has it
     return model
 
 
@@ -243,8 +187,8 @@ def _use_fp8_kv_attention(model) -> None:
 
 
 def load_streamed(path: Path, device: str, scratch: Path | None):
-    """The exported checkpoint at ``path`` as ``load_exported`` builds it, with the decoder layers,
-    embeddings and output head left in the files (their parameters on meta) for the returned
+    """The exported checkpoint at ``path`` as an fp32 model computing what the engine computes
+    (see the module docstring), with the decoder layers, embeddings and output head left in the files (their parameters on meta) for the returned
     ``ExportedWeights`` to materialise one at a time; everything else (norms), the activation
     simulation and the KV-cache scales are set up now.
 
@@ -266,8 +210,12 @@ def load_streamed(path: Path, device: str, scratch: Path | None):
     names = {module: name for name, module in model.named_modules()}
     streamed = [names[m] for m in _layers(model)]
     streamed += [names[m] for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
-    weights = ExportedWeights(model, path, scratch)
-    weights.set_up(device, streamed)
+    weights = ExportedWeights(model, path, scratch, streamed)
+    weights.set_up(device)
+    for module in model.modules():  # buffers (rotary tables) are real tensors: on the device now
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[name] = buffer.to(device)
     return model.eval(), weights
 
 
@@ -276,10 +224,11 @@ class ExportedWeights:
     demand (quantized Linear weights dequantized as ``load_exported`` does) and released back to
     meta: ``pipeline.quality.streamed``'s ``load(prefix, device)`` / ``release(prefix)``."""
 
-    def __init__(self, model, path: Path, scratch: Path | None):
+    def __init__(self, model, path: Path, scratch: Path | None, streamed: list[str]):
+        """``streamed``: the modules read on demand (decoder layers, embeddings, head)."""
         from safetensors import safe_open
 
-        self.model, self.scratch = model, scratch
+        self.model, self.scratch, self.streamed = model, scratch, streamed
         self.quant = json.loads((path / "hf_quant_config.json").read_text(encoding="utf-8"))["quantization"]
         self.files: dict[str, str] = {}
         for shard in sorted(path.glob("*.safetensors")):
@@ -289,7 +238,7 @@ class ExportedWeights:
         self.fold: dict[str, Any] = {}  # Linear -> pre-quant scale folded into its dense weight
         self.used: set[str] = set()
 
-    def set_up(self, device: str, streamed: list[str]) -> None:
+    def set_up(self, device: str) -> None:
         """Activation simulation, KV-cache scales and the parameters outside ``streamed``; the
         checkpoint checked against the architecture (nothing missing, nothing left over)."""
         import torch
@@ -327,7 +276,7 @@ class ExportedWeights:
                 )
         kept = {n.rpartition(".")[0] for n, _ in self.model.named_parameters()}
         for owner in sorted(kept):
-            if not any(owner == s or owner.startswith(s + ".") for s in streamed):
+            if not any(owner == s or owner.startswith(s + ".") for s in self.streamed):
                 self.load(owner, device, recurse=False)
         if self.quant.get("kv_cache_quant_algo"):
             if self.quant["kv_cache_quant_algo"] != "FP8":
