@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.backends.base import Backend, FormatInfo
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, ToolError
 from pipeline.recipe.variants import VariantBase, check_regex
 from pipeline.toolchains import llamacpp as toolchain
 from pipeline.toolchains.gguf_reader import gguf_file
@@ -130,6 +130,11 @@ class LlamaCppBackend(Backend):
     def check_environment(self) -> None:
         toolchain.find()
 
+    def gpu_capable(self) -> bool:
+        """Whether the GGUF stages that can use a GPU (importance matrix, evaluation) are planned
+        for one on a GPU builder: when llama.cpp is built with CUDA (``toolchain install --cuda``)."""
+        return toolchain.built_with_cuda()
+
     def describe(self, variant: Any) -> FormatInfo:
         return FormatInfo(
             format="gguf",
@@ -162,7 +167,7 @@ class LlamaCppBackend(Backend):
                                   fix="drop the GGUF variants or give the model a tokenizer llama.cpp's converter knows")
 
     def load_for_eval(self, path: Path, device: str) -> Any:
-        return LlamaEval(gguf_file(path))
+        return LlamaEval(gguf_file(path), gpu=device.startswith("cuda"))
 
     def scores(self, path: Path, windows, device: str, scratch: Path) -> Iterator:
         """llama.cpp itself, one window per decode (it maps the GGUF file: memory stays the
@@ -183,9 +188,10 @@ class LlamaEval:
     batch, so every position's logits come from one decode, as in llama-perplexity).
     """
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, gpu: bool = False):
         self.path = path
         self.threads = threads or max(1, os.cpu_count() or 1)
+        self.gpu = gpu  # every layer on the GPU(s) (llama.cpp splits them over all visible ones)
         self.llm = None
 
     def __call__(self, ids):
@@ -194,10 +200,15 @@ class LlamaEval:
 
         tokens = [int(t) for t in ids.reshape(-1).tolist()]
         if self.llm is None or self.llm.n_ctx() < len(tokens):
-            llama_cpp = toolchain.import_bindings(toolchain.find())
+            chain = toolchain.find()
+            if self.gpu and not chain.cuda:
+                raise ToolError("GGUF evaluation was planned on the GPU but llama.cpp is built without CUDA",
+                                fix="run `modelbuild toolchain install --cuda`, or run with --device cpu")
+            llama_cpp = toolchain.import_bindings(chain)
             self.close()
             self.llm = llama_cpp.Llama(
                 model_path=str(self.path), n_ctx=len(tokens), n_batch=len(tokens), n_ubatch=len(tokens),
+                n_gpu_layers=-1 if self.gpu else 0,
                 logits_all=True, n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
             )
         self.llm.reset()

@@ -279,8 +279,9 @@ class ModelOptBackend(Quantizer):
         from modelopt.torch.export import export_hf_checkpoint
 
         with _quiet_library_logs():
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=source_dtype).to(device)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=source_dtype, **_placement(source, device))
         model.eval()
+        inputs_on = model.get_input_embeddings().weight.device  # the first GPU of a split model
         config = quant_config(variant)
         # Data-free, only weight ranges are taken: exact in the stored dtype. Calibrated on a CPU:
         # the whole model in fp32 when it fits (the fastest: layerwise calibration runs each layer
@@ -299,7 +300,7 @@ class ModelOptBackend(Quantizer):
                 for ids in calibration:
                     # No KV cache: layerwise calibration replays captured inputs, and a captured
                     # cache (reset, not emptied) would add zero keys to every replay.
-                    m(torch.tensor([ids], device=device), use_cache=False)
+                    m(torch.tensor([ids], device=inputs_on), use_cache=False)
 
         try:
             with _quiet_library_logs():
@@ -310,7 +311,8 @@ class ModelOptBackend(Quantizer):
                 # forward (AWQ's scale fusion) that needs one dtype throughout: the whole model
                 # goes back to the source dtype first (the fp32 hooks removed), as a bf16 model
                 # quantized on a GPU is (calibrated ranges are then bf16 values, as they are there).
-                model.to(source_dtype)
+                if calibrated_here:
+                    model.to(source_dtype)
                 export_hf_checkpoint(model, dtype=source_dtype, export_dir=str(out))
         except (ValueError, RuntimeError, AssertionError, NotImplementedError) as e:
             raise StageError(f"ModelOpt failed on {variant.qformat}: {type(e).__name__}: {e}") from e
@@ -330,6 +332,7 @@ class ModelOptBackend(Quantizer):
             "exclude_modules": quantization.get("exclude_modules", []),
             "source_dtype": str(source_dtype).removeprefix("torch."),
             "calibration_samples": 0 if calibration is None else len(calibration),
+            "devices": sorted({str(p.device) for p in model.parameters()}),
         }
 
     def load_for_eval(self, path: Path, device: str) -> Any:
@@ -363,6 +366,47 @@ def quant_config(variant) -> dict[str, Any]:
         kv = getattr(mtq, KV_QFORMATS[variant.kv_cache_qformat])
         config["quant_cfg"] = list(config["quant_cfg"]) + copy.deepcopy(list(kv["quant_cfg"]))
     return config
+
+
+# A GPU holds the model when its free memory is this many times the checkpoint: the rest is for
+# ModelOpt's quantizer state and the calibration activations.
+GPU_HEADROOM = 1.25
+
+
+def _placement(source: Path, device: str, free: dict[int, int] | None = None) -> dict[str, Any]:
+    """``from_pretrained``'s placement of the whole model. On a CPU: host memory. On a GPU
+    builder: the requested GPU when it holds the model, else (``--device cuda`` only) every
+    visible GPU, the layers spread by accelerate (``device_map="auto"``, as ModelOpt's own
+    examples load models larger than one GPU: it calibrates and exports a dispatched model).
+
+    Args:
+        free: free bytes per GPU index (default: what CUDA reports now).
+
+    Raises:
+        StageError: the GPUs allowed cannot hold the model together.
+    """
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    from pipeline import memory
+
+    if free is None:
+        free = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    facts = memory.tensors(source)
+    needed = GPU_HEADROOM * (facts.stored_bytes if facts is not None else 0)
+    first = int(device.partition(":")[2] or 0)
+    if needed <= free[first]:
+        return {"device_map": {"": first}}
+    allowed = [first] if ":" in device else sorted(free)
+    if needed > sum(free[i] for i in allowed):
+        where = f"GPU {first}" if len(allowed) == 1 else f"{len(allowed)} GPUs"
+        raise StageError(
+            f"ModelOpt needs ≈ {needed / 1e9:.1f} GB of GPU memory for this model; {where} have "
+            f"{sum(free[i] for i in allowed) / 1e9:.1f} GB free",
+            fix="use --device cuda to spread it over every visible GPU, or a builder with more GPU memory"
+            if len(allowed) == 1 and len(free) > 1 else "use a builder with more GPU memory")
+    return {"device_map": "auto", "max_memory": {i: int(free[i] / GPU_HEADROOM) for i in allowed}}
 
 
 def _whole_fp32_fits(source: Path) -> bool:

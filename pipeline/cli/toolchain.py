@@ -21,11 +21,14 @@ def install(
              "(MODELBUILD_TOOLCHAIN_CACHE; 'off' disables it); --no-cache builds inside the environment.")] = True,
     jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Parallel compile jobs.",
                                              show_default="the CPUs available")] = None,
+    cuda: Annotated[bool, typer.Option(
+        "--cuda", help="Build with llama.cpp's CUDA backend (GPU builders; needs the CUDA toolkit's nvcc): "
+                       "importance matrices and GGUF evaluation then run on the GPU under --device cuda.")] = False,
 ) -> None:
     """Build llama.cpp at the pinned version, or reuse this machine's cached build (a rerun returns at once)."""
     from pipeline.toolchains import llamacpp
 
-    llamacpp.install(log=lambda line: typer.echo(line, err=True), jobs=jobs, cache=cache)
+    llamacpp.install(log=lambda line: typer.echo(line, err=True), jobs=jobs, cache=cache, cuda=cuda)
 
 
 @toolchain_app.command()

@@ -21,7 +21,7 @@ from pipeline.errors import RecipeError
 from pipeline.plan.variant_stages import Planning, publish_params
 from pipeline.sources.tokenizer_check import AWKWARD_STRINGS
 from pipeline.stages import VERSIONS
-from pipeline.stages.base import Stage
+from pipeline.stages.base import Hints, Stage
 
 TOOLS = ("llama.cpp",)
 CONVERT_TOOLS = ("llama.cpp", "transformers", "torch")
@@ -33,6 +33,9 @@ def gguf_stages(backend, variant, planning: Planning) -> list[Stage]:
     recipe, data, eval_params = planning.recipe, planning.data, planning.eval_params
     calibration = planning.calibration(variant)
     cpu = cpu_model()
+    # With a CUDA llama.cpp, the importance matrix and the evaluation can run on a GPU builder's
+    # GPUs (``plan.build`` then keys them for it); the rest stays on the CPU.
+    on_gpu = Hints(uses_gpu=backend.gpu_capable())
     stages: list[Stage] = []
 
     def add(stage: Stage) -> Stage:
@@ -64,6 +67,7 @@ def gguf_stages(backend, variant, planning: Planning) -> list[Stage]:
             inputs={"conversion": f16.id, "fetch": "fetch"},
             tools=TOOLS + ("transformers",),
             version=VERSIONS["gguf_imatrix"],
+            hints=on_gpu,
         ))
         quantize_inputs["imatrix"] = imatrix.id
     name = variant.name
@@ -84,6 +88,7 @@ def gguf_stages(backend, variant, planning: Planning) -> list[Stage]:
         variant=name,
         tools=TOOLS + ("torch",),
         version=VERSIONS["evaluate"],
+        hints=on_gpu,
     ))
     speed = add(Stage.wired(
         id=f"speed/{name}",

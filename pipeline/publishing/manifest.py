@@ -92,7 +92,7 @@ def build_manifest(ctx: RunContext, stage: Stage, inputs: PublishInputs) -> dict
         "gate": inputs["gate"].result,
     }
     if "device" in quant.result:  # (quantize entries cached before it was recorded lack it)
-        manifest["quantization"] = {"device": quant.result["device"]}
+        manifest["quantization"] = {k: quant.result[k] for k in ("device", "devices") if k in quant.result}
     if "speed" in inputs:
         manifest["speed"] = inputs["speed"].result
     if "fidelity" in inputs:

@@ -63,16 +63,17 @@ def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     granularity = tokenizer_check.check_granularity(text[:_SAMPLE_CHARS], tokenizer, what="the eval text",
                                                     where="baseline")
     # Scratch beside the entry being written: on the cache's disk, and gone with it if the run dies.
+    device = ctx.compute_device(stage)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix="scratch-") as folder:
         scratch = Path(folder)
-        model, weights = load_offloaded(checkpoint, dtype=torch.float32, device=ctx.device, offload_folder=scratch,
+        model, weights = load_offloaded(checkpoint, dtype=torch.float32, device=device, offload_folder=scratch,
                                         trust_remote_code=trust)
         started = time.perf_counter()
         with ctx.reporter.steps("baseline forward", windows.shape[0]) as advance:
-            scored = streamed_logprobs(model.eval(), windows, ctx.device, weights, scratch=scratch)
+            scored = streamed_logprobs(model.eval(), windows, device, weights, scratch=scratch)
             facts = write_reference(out, scored, windows, vocab=int(model.config.vocab_size), top_k=ev.top_k,
                                     advance=advance)
     tokenizer_check.check_baseline_perplexity(facts["ppl"], facts["vocab"], where="baseline")
     return {"ppl": facts["ppl"], "tokens_scored": facts["tokens_scored"], "windows": facts["windows"],
             "vocab": facts["vocab"], "form": facts["form"], "top_k": facts["top_k"], "eval_granularity": granularity,
-            "device": ctx.device, "forward_seconds": round(time.perf_counter() - started, 3)}
+            "device": device, "forward_seconds": round(time.perf_counter() - started, 3)}

@@ -45,6 +45,12 @@ class RunContext:
             self._device = pick_device(self.requested_device)
         return self._device
 
+    def compute_device(self, stage) -> str:
+        """Where ``stage`` computes: the run's device when the stage was planned for it (a GPU
+        build puts ``compute`` in the params, so in the key, of the stages that can use one),
+        else the CPU; so a stage never computes elsewhere than its key says."""
+        return self.device if "compute" in stage.params else "cpu"
+
     def storage(self):
         """The publish root's backend (opened on first use: a cached run never needs it)."""
         if self._storage is None:

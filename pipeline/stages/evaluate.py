@@ -48,12 +48,13 @@ def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     ref = Reference(baseline.data)
     windows = ref.tokens
 
+    device = ctx.compute_device(stage)
     lps, klds, tops = [], [], []
     started = time.perf_counter()
     # Scratch beside the entry being written: on the cache's disk, and gone with it if the run dies.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix="scratch-") as scratch, \
             ctx.reporter.steps(f"evaluate {name}", windows.shape[0]) as advance:
-        scored = backend.scores(inputs["checkpoint"].data, windows, ctx.device, Path(scratch))
+        scored = backend.scores(inputs["checkpoint"].data, windows, device, Path(scratch))
         for i, (logprobs, next_ids) in enumerate(scored):
             lp, kld, top = ref.compare(i, logprobs, next_ids)
             lps.append(lp)
@@ -67,7 +68,7 @@ def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     return {
         "metrics": metrics,
         "baseline_ppl": baseline.result["ppl"],
-        "device": ctx.device,
+        "device": device,
         "cpu_evaluation": backend.describe(variant).cpu_evaluation,
         "kld_method": Reference.describe(baseline.result),
         "forward_seconds": round(forward_s, 3),

@@ -49,7 +49,8 @@ def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
     target = out / "imatrix.gguf"
     threads = max(1, os.cpu_count() or 1)
     with ctx.reporter.steps("llama-imatrix", 1) as advance:
-        llamacpp_tools.imatrix(model, text, target, ctx=settings["seq_len"], chunks=settings["samples"], threads=threads)
+        llamacpp_tools.imatrix(model, text, target, ctx=settings["seq_len"], chunks=settings["samples"], threads=threads,
+                               gpu=ctx.compute_device(stage).startswith("cuda"))
         advance(1)
     text.unlink()
     return {"file": target.name, "chunks": settings["samples"], "ctx": settings["seq_len"], "threads": threads}

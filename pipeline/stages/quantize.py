@@ -47,7 +47,8 @@ def run(ctx: RunContext, stage: Stage, inputs: Inputs, out: Path) -> Result:
             ctx.recipe.calibration, samples=settings["samples"], seq_len=settings["seq_len"],
             seed=settings["seed"], tokenizer=tokenizer,
         )
-    facts = backend.quantize(variant, checkpoint, out, calibration=samples, device=ctx.device)
+    device = ctx.compute_device(stage)
+    facts = backend.quantize(variant, checkpoint, out, calibration=samples, device=device)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return cast("Result", {"format": asdict(backend.describe(variant)), "size_bytes": size, "device": ctx.device,
+    return cast("Result", {"format": asdict(backend.describe(variant)), "size_bytes": size, "device": device,
                            **facts})

@@ -72,6 +72,11 @@ CMAKE_FLAGS = (
     "-DGGML_F16C=ON",
     "-DGGML_BMI2=ON",
 )
+# ``toolchain install --cuda`` (GPU builders): the same build with ggml's CUDA backend, for the
+# tools and bindings alike; a build of its own (the flags are in the cache key). The compute
+# capabilities are CMake's choice for the installed toolkit unless CMAKE_CUDA_ARCHITECTURES is set.
+CUDA_FLAGS = ("-DGGML_CUDA=ON",)
+NVCC_PLACES = ("/usr/local/cuda/bin/nvcc",)  # where the toolkit installs it off PATH (CMake looks there too)
 STAMP = "toolchain.json"
 CACHE_ENV = "MODELBUILD_TOOLCHAIN_CACHE"
 ENV_FLAGS = ("CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDFLAGS")
@@ -92,6 +97,12 @@ class Toolchain:
     root: Path
     commit: str
     version: str
+    cuda: bool = False
+
+    def gpu_layers(self, on_gpu: bool) -> list[str]:
+        """The tools' ``-ngl`` for a computation planned on the GPU (all layers) or on the CPU
+        (none: a CUDA build offloads every layer by default, and a CPU stage's key says CPU)."""
+        return ["-ngl", "all" if on_gpu else "0"] if self.cuda else []
 
     @property
     def source(self) -> Path:
@@ -173,13 +184,22 @@ def native(flags: Sequence[str]) -> bool:
     return value.upper() not in ("OFF", "0", "FALSE", "NO", "N")
 
 
-def host_facts() -> dict:
-    """What ``cache_key`` needs besides the commit, read from this machine (runs cc, c++, cmake)."""
+def flags(cuda: bool = False) -> tuple[str, ...]:
+    """The cmake flags of the CPU build, or of the CUDA build."""
+    return CMAKE_FLAGS + (CUDA_FLAGS if cuda else ())
+
+
+def host_facts(cuda: bool = False) -> dict:
+    """What ``cache_key`` needs besides the commit, read from this machine (runs cc, c++, cmake,
+    and nvcc for a CUDA build)."""
     cc, cxx = os.environ.get("CC") or "cc", os.environ.get("CXX") or "c++"
+    compilers = [_first_line([cc, "--version"]), _first_line([cxx, "--version"])]
+    if cuda:
+        compilers.append(_last_line([_nvcc(), "--version"]))
     return {
         "bindings": BINDINGS_VERSION,
-        "flags": CMAKE_FLAGS,
-        "compiler": " | ".join((_first_line([cc, "--version"]), _first_line([cxx, "--version"]))),
+        "flags": flags(cuda),
+        "compiler": " | ".join(compilers),
         "cmake": _first_line(["cmake", "--version"]),
         "machine": platform.machine(),
         "env_flags": {name: os.environ.get(name, "") for name in ENV_FLAGS},
@@ -206,9 +226,19 @@ def find() -> Toolchain:
         stamp = json.loads((folder / STAMP).read_text())
     except (OSError, ValueError):
         raise ToolError(f"llama.cpp toolchain is not built in {folder}", fix=FIX) from None
-    if stamp.get("flags") != list(CMAKE_FLAGS) or stamp.get("bindings") != BINDINGS_VERSION:
+    if stamp.get("flags") not in (list(flags()), list(flags(cuda=True))) or stamp.get("bindings") != BINDINGS_VERSION:
         raise ToolError(f"llama.cpp toolchain in {folder} was built with other settings", fix=FIX)
-    return Toolchain(root=folder, commit=stamp["commit"], version=stamp["version"])
+    return Toolchain(root=folder, commit=stamp["commit"], version=stamp["version"],
+                     cuda=stamp["flags"] == list(flags(cuda=True)))
+
+
+def built_with_cuda() -> bool:
+    """Whether this environment's llama.cpp has the CUDA backend (reads one small file; False
+    when none is built): the planner then plans the GGUF stages that can use a GPU for it."""
+    try:
+        return json.loads((root() / STAMP).read_text()).get("flags") == list(flags(cuda=True))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def import_bindings(chain: Toolchain):
@@ -229,7 +259,8 @@ def import_bindings(chain: Toolchain):
     return llama_cpp
 
 
-def install(log=print, jobs: int | None = None, *, cache: bool = True, bindings: bool = True) -> Toolchain:
+def install(log=print, jobs: int | None = None, *, cache: bool = True, bindings: bool = True,
+            cuda: bool = False) -> Toolchain:
     """Build llama.cpp (or reuse the cached build) and install the bindings; a no-op when done.
 
     Args:
@@ -238,9 +269,11 @@ def install(log=print, jobs: int | None = None, *, cache: bool = True, bindings:
         cache: build in (or reuse from) the per-user build cache; False builds inside the environment.
         bindings: also install the Python bindings into this environment (``.ci/setup`` builds
             first, in parallel with its pip installs, and installs the bindings afterwards).
+        cuda: build with the CUDA backend (needs the CUDA toolkit's nvcc); the environment then
+            uses that build, and a later install without it goes back to the CPU build.
 
     Raises:
-        ToolError: pip, cmake or the compiler failed (their output's tail in the message).
+        ToolError: pip, cmake, nvcc or the compiler failed or is missing (their output's tail in the message).
     """
     started = time.monotonic()
     folder = root()
@@ -250,6 +283,8 @@ def install(log=print, jobs: int | None = None, *, cache: bool = True, bindings:
         chain = find()
     except ToolError:
         chain = None
+    if chain is not None and chain.cuda != cuda:
+        chain = None  # the other build is wanted
     if chain is not None and (not bindings or _bindings_installed()):
         log(f"llama.cpp {chain.commit[:7]} already built in {_shown(chain.root)}: nothing to do")
         return chain
@@ -258,21 +293,23 @@ def install(log=print, jobs: int | None = None, *, cache: bool = True, bindings:
             if shutil.which(exe) is None:
                 raise ToolError(f"building llama.cpp needs {exe}, which is not on PATH",
                                 fix="install cmake and a C++ compiler (Debian: apt-get install cmake g++)")
+        if cuda:
+            _nvcc()
         if store is None:
             if folder.is_symlink():
                 folder.unlink()
             sdist = _sdist(folder, log)
-            _build(folder, sdist, _sdist_commit(sdist), log, jobs)
+            _build(folder, sdist, _sdist_commit(sdist), log, jobs, cuda)
         else:
             sdist = _sdist(store / "sdist", log)
             commit = _sdist_commit(sdist)
-            key = cache_key(commit=commit, **host_facts())
+            key = cache_key(commit=commit, **host_facts(cuda))
             entry = store / key
             with _locked(store / f"{key}.lock", log):
-                if _stamp_ok(entry, commit):
+                if _stamp_ok(entry, commit, cuda):
                     log(f"reusing the cached llama.cpp {commit[:7]} build: {_shown(entry)}")
                 else:
-                    _build(entry, sdist, commit, log, jobs)
+                    _build(entry, sdist, commit, log, jobs, cuda)
             _link(folder, entry)
         chain = find()
     if bindings and not _bindings_installed():
@@ -284,7 +321,7 @@ def install(log=print, jobs: int | None = None, *, cache: bool = True, bindings:
     return chain
 
 
-def _build(folder: Path, sdist: Path, commit: str, log, jobs: int | None) -> None:
+def _build(folder: Path, sdist: Path, commit: str, log, jobs: int | None, cuda: bool = False) -> None:
     """Extract, configure and build in ``folder``; the stamp is written last (so only a whole build counts)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / STAMP).unlink(missing_ok=True)
@@ -300,30 +337,31 @@ def _build(folder: Path, sdist: Path, commit: str, log, jobs: int | None) -> Non
         staging.rmdir()
     build = folder / "build"
     jobs = jobs or _cpus()
-    log(f"building llama.cpp {commit[:7]} ({', '.join(TOOLS)}) with {jobs} parallel jobs in {_shown(folder)}; "
+    log(f"building llama.cpp {commit[:7]}{' with CUDA' if cuda else ''} ({', '.join(TOOLS)}) with {jobs} parallel "
+        f"jobs in {_shown(folder)}; "
         "once per machine (later environments reuse it)")
     began = time.monotonic()
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), *generator, *CMAKE_FLAGS],
+    _run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), *generator, *flags(cuda)],
          what="configuring llama.cpp")
     _run_with_progress(["cmake", "--build", str(build), "--parallel", str(jobs), "--target", *TOOLS],
                        what="building llama.cpp", log=log)
-    version = f"{BINDINGS_VERSION}+{commit[:12]}.avx2"
-    stamp = {"bindings": BINDINGS_VERSION, "commit": commit, "flags": list(CMAKE_FLAGS), "version": version,
-             "built_s": round(time.monotonic() - began, 1), "facts": host_facts()}
+    version = f"{BINDINGS_VERSION}+{commit[:12]}.avx2" + (".cuda" if cuda else "")
+    stamp = {"bindings": BINDINGS_VERSION, "commit": commit, "flags": list(flags(cuda)), "version": version,
+             "built_s": round(time.monotonic() - began, 1), "facts": host_facts(cuda)}
     tmp = folder / f".{STAMP}.tmp"
     tmp.write_text(json.dumps(stamp, indent=1))
     tmp.rename(folder / STAMP)
     log(f"llama.cpp {commit[:7]} built in {time.monotonic() - began:.0f} s")
 
 
-def _stamp_ok(folder: Path, commit: str) -> bool:
+def _stamp_ok(folder: Path, commit: str, cuda: bool = False) -> bool:
     try:
         stamp = json.loads((folder / STAMP).read_text())
     except (OSError, ValueError):
         return False
     return (stamp.get("bindings"), stamp.get("commit"), stamp.get("flags")) == (BINDINGS_VERSION, commit,
-                                                                              list(CMAKE_FLAGS))
+                                                                              list(flags(cuda)))
 
 
 def _link(folder: Path, entry: Path) -> None:
@@ -420,6 +458,24 @@ def progress(line: str) -> str | None:
     if match := re.match(r"\[\s*(\d+)%\]", line):
         return f"{match[1]}%"
     return None
+
+
+def _nvcc() -> str:
+    """The CUDA compiler a CUDA build uses (``$CUDACXX``, else ``nvcc`` on PATH or in
+    /usr/local/cuda, where CMake looks too)."""
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), *NVCC_PLACES):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise ToolError("building llama.cpp with CUDA needs nvcc (the CUDA toolkit), which is not on PATH",
+                    fix="install the CUDA toolkit (NVIDIA's cuda-toolkit package) or set CUDACXX to its nvcc")
+
+
+def _last_line(cmd: list[str]) -> str:
+    try:
+        lines = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return lines[-1] if lines else "unknown"
 
 
 def _first_line(cmd: list[str]) -> str:

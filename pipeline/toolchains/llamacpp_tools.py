@@ -120,15 +120,16 @@ def _converter_failure(output: str) -> str | None:
     return None
 
 
-def imatrix(model: Path, text: Path, out: Path, *, ctx: int, chunks: int, threads: int) -> str:
+def imatrix(model: Path, text: Path, out: Path, *, ctx: int, chunks: int, threads: int, gpu: bool = False) -> str:
     """``llama-imatrix``: importance matrix of ``model`` over ``text``; returns the tool's log tail.
 
     Run in ``text``'s folder with relative names: the matrix records its dataset's path, and
     quantized files copy it into their metadata (a name, not a path on this machine).
     """
-    tool = toolchain.find().tool("llama-imatrix")
-    proc = _run([str(tool), "-m", str(model), "-f", text.name, "-o", str(out), "-c", str(ctx), "--chunks",
-                 str(chunks), "-t", str(threads), "-b", str(ctx), "--no-ppl"], what="llama-imatrix", cwd=text.parent)
+    chain = toolchain.find()
+    proc = _run([str(chain.tool("llama-imatrix")), "-m", str(model), "-f", text.name, "-o", str(out), "-c", str(ctx),
+                 "--chunks", str(chunks), "-t", str(threads), "-b", str(ctx), "--no-ppl", *chain.gpu_layers(gpu)],
+                what="llama-imatrix", cwd=text.parent)
     return (proc.stderr or "")[-500:]
 
 
@@ -176,9 +177,11 @@ def split(path: Path, max_size: str) -> list[Path]:
 
 def bench(path: Path, *, threads: int, prompt_tokens: int, gen_tokens: int, repetitions: int) -> dict[str, Any]:
     """``llama-bench``: median prompt-processing and generation tokens/s over the repetitions."""
-    tool = toolchain.find().tool("llama-bench")
-    proc = _run([str(tool), "-m", str(path), "-t", str(threads), "-p", str(prompt_tokens), "-n", str(gen_tokens),
-                 "-r", str(repetitions), "-o", "json"], what="llama-bench")
+    chain = toolchain.find()
+    # The CPU's speed (the stage's key names the CPU): no layer offloaded, even from a CUDA build.
+    proc = _run([str(chain.tool("llama-bench")), "-m", str(path), "-t", str(threads), "-p", str(prompt_tokens),
+                 "-n", str(gen_tokens), "-r", str(repetitions), "-o", "json", *chain.gpu_layers(False)],
+                what="llama-bench")
     try:
         rows = json.loads(proc.stdout)
     except ValueError:

@@ -378,6 +378,57 @@ def test_tensor_parallel_must_split_or_replicate_kv_heads():
     assert check_parallelism(1, 29, gqa) == "pp 29 exceeds the model's 28 layers"
 
 
+def test_gpu_placement_is_one_gpu_when_it_holds_the_model_else_every_visible_gpu(tiny_model):
+    """On a GPU builder ModelOpt gets the whole model: on the requested GPU when its free memory
+    holds the checkpoint with headroom, else (``--device cuda``) spread by accelerate over every
+    visible GPU within their free memory; a pinned GPU or all GPUs too small: one line."""
+    from pipeline import memory
+    from pipeline.backends import modelopt as mo
+    from pipeline.errors import StageError
+
+    needed = mo.GPU_HEADROOM * memory.tensors(tiny_model).stored_bytes
+    assert mo._placement(tiny_model, "cpu") == {}
+    assert mo._placement(tiny_model, "cuda", free={0: int(needed) + 1, 1: 0}) == {"device_map": {"": 0}}
+    assert mo._placement(tiny_model, "cuda:1", free={0: 0, 1: int(needed) + 1}) == {"device_map": {"": 1}}
+    half = int(needed * 0.6)
+    assert mo._placement(tiny_model, "cuda", free={0: half, 1: half}) == {
+        "device_map": "auto", "max_memory": {0: int(half / mo.GPU_HEADROOM), 1: int(half / mo.GPU_HEADROOM)}}
+    with pytest.raises(StageError) as pinned:
+        mo._placement(tiny_model, "cuda:0", free={0: half, 1: half})
+    assert "GPU 0 have" in str(pinned.value) and "--device cuda" in pinned.value.fix
+    with pytest.raises(StageError) as small:
+        mo._placement(tiny_model, "cuda", free={0: half // 2, 1: half // 2})
+    assert f"≈ {needed / 1e9:.1f} GB of GPU memory" in str(small.value) and "2 GPUs" in str(small.value)
+
+
+@pytest.mark.gpu
+def test_model_larger_than_one_gpu_is_calibrated_over_two_and_exports_the_same_bytes(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    """Two visible GPUs, each reported too small for the model: ModelOpt calibrates it spread
+    over both (accelerate's device map) and exports what one GPU exports, bit for bit (the same
+    bf16 arithmetic layer by layer; never run yet on two GPUs)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline import memory
+    from pipeline.backends import modelopt as mo
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    variant = mo.ModelOptVariant(name="x", backend="modelopt", qformat="fp8")
+    g = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(3, 512, (64,), generator=g).tolist() for _ in range(4)]
+    backend = mo.ModelOptBackend()
+    one = backend.quantize(variant, tiny_model, tmp_path / "one", calibration=calibration, device="cuda")
+    assert one["devices"] == ["cuda:0"]
+    half = int(0.6 * mo.GPU_HEADROOM * memory.tensors(tiny_model).stored_bytes)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (half, 10 * half))
+    two = backend.quantize(variant, tiny_model, tmp_path / "two", calibration=calibration, device="cuda")
+    assert two["devices"] == ["cuda:0", "cuda:1"]
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
 @pytest.mark.gpu
 def test_exported_fp8_on_gpu_matches_cpu_evaluation(built):
     """On a CUDA machine: the exported FP8 checkpoint loaded on the GPU gives the CPU

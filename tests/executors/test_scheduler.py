@@ -307,6 +307,27 @@ def test_a_gpu_build_keys_the_stages_that_compute_on_it_apart_from_a_cpu_build(t
     assert {i: s.key for i, s in gpu.items()} == {i: s.key for i, s in other.items()}
 
 
+def test_with_a_cuda_llama_cpp_the_gguf_matrix_and_evaluation_are_planned_on_the_gpu(tmp_path, tiny_smol, wikitext,
+                                                                                    monkeypatch):
+    """``toolchain install --cuda``: on a GPU builder llama.cpp's importance matrix and each GGUF
+    evaluation are keyed for the GPU (they run there); conversion, quantization and speed stay
+    the CPU's."""
+    from pipeline.plan.build import build_plan
+    from pipeline.recipe.load import load_recipe
+    from pipeline.toolchains import llamacpp
+    from tests.backends.test_llamacpp import gguf_recipe
+
+    monkeypatch.setattr(llamacpp, "built_with_cuda", lambda: True)
+    loaded = load_recipe(gguf_recipe(tmp_path, tiny_smol, wikitext, "- name: q4\n  backend: llamacpp\n  type: Q4_K_M\n"))
+    store = CacheStore(tmp_path / "cache")
+    cpu, gpu = (build_plan(loaded, store=store, device=d).by_id() for d in ("cpu", "cuda"))
+    assert all("compute" not in s.params for s in cpu.values())
+    on_gpu = {i for i, s in gpu.items() if s.params.get("compute") == "cuda"}
+    assert on_gpu == {"baseline", "evaluate/q4"} | {i for i in gpu if i.startswith("gguf/imatrix-")}
+    assert len(on_gpu) == 3 and cpu["quantize/q4"].key != gpu["quantize/q4"].key  # its matrix moved
+    assert cpu["gguf/convert-f16"].key == gpu["gguf/convert-f16"].key
+
+
 def test_the_device_is_fixed_before_planning(monkeypatch):
     from pipeline import hardware
     from pipeline.errors import InputError

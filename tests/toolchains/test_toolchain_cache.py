@@ -100,19 +100,19 @@ def fake_build(monkeypatch, tmp_path):
     builds = Builds()
     fail_at = builds.fail_at
 
-    def build(folder, sdist_, commit, log, jobs):
+    def build(folder, sdist_, commit, log, jobs, cuda=False):
         builds.append(folder)
         (folder / "build" / "bin").mkdir(parents=True, exist_ok=True)
         if len(builds) == fail_at[0]:
             raise ToolError("building llama.cpp failed (exit 1): stand-in")
         (folder / llamacpp.STAMP).write_text(json.dumps(
-            {"bindings": llamacpp.BINDINGS_VERSION, "commit": commit, "flags": list(llamacpp.CMAKE_FLAGS),
+            {"bindings": llamacpp.BINDINGS_VERSION, "commit": commit, "flags": list(llamacpp.flags(cuda)),
              "version": "v"}))
 
     monkeypatch.setattr(llamacpp, "_sdist", lambda folder, log: sdist)
     monkeypatch.setattr(llamacpp, "_build", build)
     monkeypatch.setattr(llamacpp, "_bindings_installed", lambda: True)
-    monkeypatch.setattr(llamacpp, "host_facts", lambda: dict(FACTS, flags=llamacpp.CMAKE_FLAGS))
+    monkeypatch.setattr(llamacpp, "host_facts", lambda cuda=False: dict(FACTS, flags=llamacpp.flags(cuda)))
     monkeypatch.setenv(llamacpp.CACHE_ENV, str(tmp_path / "cache"))
     return builds
 
@@ -160,3 +160,28 @@ def test_no_cache_builds_inside_the_environment(fake_build, monkeypatch, tmp_pat
     folder = _env(monkeypatch, tmp_path, "env-a")
     llamacpp.install(log=lambda _: None, cache=False)
     assert fake_build == [folder] and not folder.is_symlink()
+
+
+def test_a_cuda_build_is_a_build_of_its_own_that_offloads_only_what_is_planned_on_the_gpu(fake_build, monkeypatch,
+                                                                                          tmp_path):
+    """``toolchain install --cuda``: the CUDA flags make another cache entry; the environment then
+    uses it (and the planner may plan GGUF stages on the GPU); the tools offload every layer
+    for a GPU computation and none for a CPU one (a CUDA build offloads all by default)."""
+    monkeypatch.setattr(llamacpp, "_nvcc", lambda: "/usr/local/cuda/bin/nvcc")
+    _env(monkeypatch, tmp_path, "env-a")
+    cpu = llamacpp.install(log=lambda _: None)
+    assert not cpu.cuda and not llamacpp.built_with_cuda() and cpu.gpu_layers(True) == []
+    gpu = llamacpp.install(log=lambda _: None, cuda=True)
+    assert len(fake_build) == 2 and fake_build[0] != fake_build[1]
+    assert gpu.cuda and llamacpp.built_with_cuda() and llamacpp.find().cuda
+    assert gpu.gpu_layers(True) == ["-ngl", "all"] and gpu.gpu_layers(False) == ["-ngl", "0"]
+    assert not llamacpp.install(log=lambda _: None).cuda and len(fake_build) == 2  # back to the CPU build, reused
+
+
+def test_a_cuda_build_without_nvcc_is_one_line(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELBUILD_TOOLCHAINS", str(tmp_path / "env"))
+    monkeypatch.delenv("CUDACXX", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(llamacpp, "NVCC_PLACES", ())
+    code, _out, err = cli("toolchain", "install", "--cuda")
+    assert code == 2 and err.strip().count("\n") == 0 and "needs nvcc (the CUDA toolkit)" in err, err
