@@ -195,7 +195,7 @@ def host_facts(cuda: bool = False) -> dict:
     cc, cxx = os.environ.get("CC") or "cc", os.environ.get("CXX") or "c++"
     compilers = [_first_line([cc, "--version"]), _first_line([cxx, "--version"])]
     if cuda:
-        compilers.append(_last_line([_nvcc(), "--version"]))
+        compilers.append(_first_line([_nvcc(), "--version"], last=True))
     return {
         "bindings": BINDINGS_VERSION,
         "flags": flags(cuda),
@@ -236,8 +236,8 @@ def built_with_cuda() -> bool:
     """Whether this environment's llama.cpp has the CUDA backend (reads one small file; False
     when none is built): the planner then plans the GGUF stages that can use a GPU for it."""
     try:
-        return json.loads((root() / STAMP).read_text()).get("flags") == list(flags(cuda=True))
-    except (OSError, ValueError, AttributeError):
+        return find().cuda
+    except ToolError:
         return False
 
 
@@ -470,20 +470,13 @@ def _nvcc() -> str:
                     fix="install the CUDA toolkit (NVIDIA's cuda-toolkit package) or set CUDACXX to its nvcc")
 
 
-def _last_line(cmd: list[str]) -> str:
-    try:
-        lines = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return lines[-1] if lines else "unknown"
-
-
-def _first_line(cmd: list[str]) -> str:
+def _first_line(cmd: list[str], *, last: bool = False) -> str:
+    """The first line a version command prints (``last``: its last, where nvcc names its release)."""
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         return f"{cmd[0]}: not found"
-    return out.strip().splitlines()[0] if out.strip() else f"{cmd[0]}: no version"
+    return out.strip().splitlines()[-1 if last else 0] if out.strip() else f"{cmd[0]}: no version"
 
 
 def _cpu_flags() -> str:
