@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline import progress
 from pipeline.errors import StageError, ToolError
+from pipeline.files import atomic_write
 from pipeline.toolchains import llamacpp as toolchain
 from pipeline.toolchains.gguf_reader import tensor_types
 
@@ -39,7 +40,7 @@ def supported_architectures() -> frozenset[str]:
     names = sorted(set(re.findall(r"^\s*-\s*([A-Za-z0-9_]+)\s*$", proc.stdout + proc.stderr, flags=re.M)))
     if not names:
         raise StageError("llama.cpp's converter listed no supported architectures (--print-supported-models)")
-    memo.write_text(json.dumps(names))
+    atomic_write(memo, json.dumps(names), durable=False)  # runs on one machine share the toolchain's folder
     return frozenset(names)
 
 
@@ -104,7 +105,7 @@ def vocabulary_refusal(checkpoint: Path) -> str | None:
     if proc.returncode and refusal is None:
         return None  # not a vocabulary the converter refuses: the conversion stage reports it
     memo.parent.mkdir(exist_ok=True)
-    memo.write_text(json.dumps({"refusal": refusal}))
+    atomic_write(memo, json.dumps({"refusal": refusal}), durable=False)
     return refusal
 
 
