@@ -12,6 +12,13 @@ from pathlib import Path
 
 import pytest
 
+# The fast tests run on two pytest-xdist workers (README's test command): one torch thread each, so
+# two workers never ask for more threads than the machine has cores (torch's threads wait on each
+# other at every parallel region, and a core taken by the other worker stalls them). Set before any
+# test imports torch; child processes (`modelbuild` subprocesses) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO / "evals" / "data" / "wikitext-2"
 

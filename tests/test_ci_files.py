@@ -60,3 +60,12 @@ def test_every_step_calls_a_job_the_entry_point_has():
             assert calls and all(c.split()[0] == ".ci/modelbuild-ci" and c.split()[1] in jobs for c in calls), path
     usage = subprocess.run([str(REPO / ".ci" / "modelbuild-ci"), "nope"], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs the README's two pytest commands, in its order (each listing its slowest)."""
+    from tests.test_docs import TEST_COMMAND
+
+    lines = [line.split(" --durations")[0] for line in (REPO / ".ci" / "run").read_text().splitlines()
+             if "-m pytest" in line]
+    assert " && ".join(lines) == TEST_COMMAND

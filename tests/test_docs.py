@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
+# The README's test command: the fast tests on two workers, then the slow ones alone.
+TEST_COMMAND = '.venv/bin/python -m pytest -n 2 -m "not slow" && .venv/bin/python -m pytest -m slow'
 SCREEN = 40
 
 
@@ -25,7 +27,7 @@ def test_the_first_screen_has_the_commands_a_recipe_and_the_command_table():
     screen = "\n".join(README.splitlines()[:SCREEN])
     [commands] = _blocks(screen, "bash")
     assert "bash .ci/setup && .venv/bin/modelbuild recipes/smollm2-135m-instruct.yaml" in commands
-    assert "bash .ci/setup && .venv/bin/python -m pytest" in commands
+    assert f"bash .ci/setup && {TEST_COMMAND}" in commands
     assert _blocks(screen, "yaml"), "no recipe on the first screen"
     assert "| command |" in screen and "Exit codes" in screen
 

@@ -692,19 +692,34 @@ GPTQ_ALL_THREADS_FROM_HIDDEN = 2048
 
 @contextlib.contextmanager
 def _threads_for(variant, device: str, config):
-    """One CPU thread for GPTQ on narrow models (see ``GPTQ_ALL_THREADS_FROM_HIDDEN``)."""
-    import torch
-
-    narrow = (getattr(config, "hidden_size", None) or 0) < GPTQ_ALL_THREADS_FROM_HIDDEN
-    if variant.algorithm != "gptq" or device != "cpu" or not narrow:
+    """One CPU thread for GPTQ's compression of narrow models (see ``GPTQ_ALL_THREADS_FROM_HIDDEN``),
+    and only for it: the calibration forwards and the propagation between layers keep every thread.
+    On the demo's w4a16-gptq (SmolLM2, 32 x 256 tokens, 2 cores) quantizing took 100.7 s this way
+    against 133.1 s with one thread for the whole oneshot, with the same quality figures to the last
+    digit (mean KLD 0.228975, PPL 37.4473: the compression's arithmetic is the one-thread one), and
+    105.5 s with two threads throughout (other roundings: KLD 0.226380)."""
+    if variant.algorithm != "gptq" or device != "cpu" or \
+            (getattr(config, "hidden_size", None) or 0) >= GPTQ_ALL_THREADS_FROM_HIDDEN:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    import torch
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    compress = GPTQModifier.compress_modules  # what the sequential pipeline calls after each layer
+
+    def one_thread(self):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return compress(self)
+        finally:
+            torch.set_num_threads(before)
+
+    GPTQModifier.compress_modules = one_thread
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        GPTQModifier.compress_modules = compress
 
 
 def _version(dist: str) -> str:

@@ -314,3 +314,37 @@ def test_calibration_a_layer_at_a_time_against_an_fp32_model(tmp_path, tiny_mode
             x, y = a[name], b[name]
         steps = (x.int() - y.int()).abs()
         assert steps.max() <= 2 and (steps > 0).float().mean() < 0.25, (name, steps.max(), (steps > 0).float().mean())
+
+
+def test_gptq_compresses_on_one_thread_and_calibrates_on_all(tmp_path, tiny_model, monkeypatch):
+    """On a narrow model (hidden 64 < GPTQ_ALL_THREADS_FROM_HIDDEN) GPTQ's per-layer compression
+    runs on one CPU thread and the calibration forwards on every thread the process has; the
+    library's method is restored afterwards."""
+    import torch
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from pipeline.backends import llmcompressor as lc
+
+    seen: dict[str, set[int]] = {"forward": set(), "compress": set()}
+    library = GPTQModifier.compress_module_list
+
+    def compress_module_list(self, modules):
+        seen["compress"].add(torch.get_num_threads())
+        return library(self, modules)
+
+    monkeypatch.setattr(GPTQModifier, "compress_module_list", compress_module_list)
+    original = GPTQModifier.compress_modules
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen["forward"].add(torch.get_num_threads()) if isinstance(module, torch.nn.Linear) else None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        variant = lc.LLMCompressorVariant(name="x", backend="llmcompressor", scheme="W4A16", algorithm="gptq", group_size=32)
+        g = torch.Generator().manual_seed(0)
+        calibration = [torch.randint(3, 512, (64,), generator=g).tolist() for _ in range(4)]
+        lc.LLMCompressorBackend().quantize(variant, tiny_model, tmp_path / "out", calibration=calibration, device="cpu")
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    assert seen == {"forward": {2}, "compress": {1}}
+    assert GPTQModifier.compress_modules is original

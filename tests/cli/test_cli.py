@@ -256,9 +256,11 @@ def test_shell_completion_completes_commands_and_the_recipe_forms_options():
 
 
 def test_install_completion_writes_the_bash_script(tmp_path):
+    # Typed in bash, as a user does: the shell is detected from the calling process (shellingham),
+    # so the test must not depend on whatever started pytest (a detached job has no shell above it).
     env = {**os.environ, "HOME": str(tmp_path), "SHELL": "/bin/bash"}
-    done = subprocess.run([str(CONSOLE_SCRIPT), "--install-completion", "bash"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(["bash", "-c", f"'{CONSOLE_SCRIPT}' --install-completion; exit $?"], env=env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     scripts = list(tmp_path.rglob("modelbuild*"))
     assert scripts and "_MODELBUILD_COMPLETE" in scripts[0].read_text()
