@@ -27,19 +27,19 @@ def build_report(storage: Storage, model: str, targets: list[Target] | None = No
     rep = Report(model=model, storage=storage.url, generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  rows=rows, recommendations=recs)
 
-    sized = [(r.variant, mean_kld, r.size_bytes / 1e9) for r in rows
+    sized = [(r.variant, mean_kld, r.size_bytes / 1e9, r.engines) for r in rows
              if (mean_kld := r.metrics.get("mean_kld")) is not None and isinstance(r.size_bytes, int)]
     if sized:
         rep.plots["size_vs_kld.png"] = (
-            "Size on disk vs mean KLD to the baseline (lower left is better; red: Pareto frontier)",
+            "Size on disk vs mean KLD to the baseline (lower left is better; a Pareto frontier per engine)",
             scatter_png(sized, x_label="mean KLD vs the unquantized baseline", y_label="size on disk (GB)",
                         title=f"{model}: size vs quality"))
-    fast = [(r.variant, mean_kld, r.speed["tg_tps"]) for r in rows
+    fast = [(r.variant, mean_kld, r.speed["tg_tps"], r.engines) for r in rows
             if (mean_kld := r.metrics.get("mean_kld")) is not None and r.speed and r.speed.get("tg_tps")]
     if fast:
         hw = sorted({r.speed["hardware"] for r in rows if r.speed})
         rep.plots["speed_vs_kld.png"] = (
-            f"Generation speed vs mean KLD (upper left is better; red: Pareto frontier); measured on {', '.join(hw)}",
+            f"Generation speed vs mean KLD (upper left is better; a Pareto frontier per engine); measured on {', '.join(hw)}",
             scatter_png(fast, x_label="mean KLD vs the unquantized baseline", y_label="generation tokens/s",
                         title=f"{model}: speed vs quality", minimise_y=False))
     unmeasured = [r.variant for r in rows if r.speed is None]

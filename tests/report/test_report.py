@@ -142,6 +142,55 @@ def test_pareto_frontier():
     assert frontier(points) == [0, 5, 1, 3]
 
 
+def test_each_engine_has_its_own_frontier():
+    """A llama.cpp user chooses among GGUF files: a GGUF dominated by a vLLM variant is still on
+    llama.cpp's frontier; a checkpoint two engines load can be on both frontiers."""
+    from pipeline.report.pareto import frontiers_by_engine
+
+    points = [(0.01, 0.17), (0.03, 0.17), (0.02, 0.18), (0.2, 0.12), (0.05, 0.10)]
+    loaded_by = [["vllm"], ["trtllm", "vllm"], ["llamacpp"], ["trtllm", "vllm"], ["llamacpp"]]
+    assert frontiers_by_engine(points, loaded_by) == {"vllm": [0, 3], "trtllm": [1, 3], "llamacpp": [2, 4]}
+
+
+# The demo's 28 variants as docs/quality.md measured them: (name, mean KLD, size GB, engines).
+_V, _T, _L = ["vllm"], ["trtllm"], ["llamacpp"]
+DEMO_POINTS = [
+    ("w8a16", 0.0017, 0.1698, _V), ("w8a8-sq-gptq", 0.0134, 0.1668, _V), ("fp8-dynamic", 0.0263, 0.1668, _V),
+    ("fp8-static", 0.0316, 0.1665, _V), ("w4a16-awq", 0.1564, 0.1176, _V), ("nvfp4a16", 0.2023, 0.1200, _V),
+    ("w4a16-gptq", 0.2272, 0.1167, _V), ("nvfp4", 0.3933, 0.1200, _V), ("mxfp4a16", 0.4139, 0.1167, _V),
+    ("mxfp4", 1.0835, 0.1167, _V), ("modelopt-fp8", 0.0314, 0.1665, ["trtllm", "vllm"]),
+    ("modelopt-fp8-kv-fp8", 0.0366, 0.1665, ["trtllm", "vllm"]), ("modelopt-fp8-pc-pt", 0.0262, 0.1671, ["trtllm", "vllm"]),
+    ("modelopt-int8-sq", 0.0899, 0.1674, ["trtllm-engine"]), ("modelopt-nvfp4-mlp-only", 0.2473, 0.1582, _T),
+    ("modelopt-int4-awq", 0.2501, 0.1201, _T), ("modelopt-nvfp4", 0.3975, 0.1200, ["trtllm", "vllm"]),
+    ("gguf-f16", 0.0000004, 0.2709, _L), ("gguf-bf16", 0.0001, 0.2709, _L), ("gguf-q8_0", 0.0040, 0.1448, _L),
+    ("gguf-q6_k", 0.0094, 0.1384, _L), ("gguf-q5_k_m", 0.0739, 0.1121, _L), ("gguf-q4_k_m", 0.0328, 0.1055, _L),
+    ("gguf-q4_k_m-no-imatrix", 0.0520, 0.1055, _L), ("gguf-q4_0", 0.1784, 0.0919, _L),
+    ("gguf-iq4_xs", 0.0910, 0.0909, _L), ("gguf-q3_k_m", 0.0854, 0.0935, _L), ("gguf-q2_k", 0.2688, 0.0882, _L),
+]
+
+
+def test_plot_labels_do_not_overlap_on_the_demo():
+    """The demo's size plot: its rendered label boxes are measured, and no two overlap and none
+    leaves the axes; the same labels left at their points do overlap (so the check can fail)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pipeline.report.plots import label_collisions, scatter_figure
+
+    fig = scatter_figure(DEMO_POINTS, x_label="mean KLD", y_label="size on disk (GB)", title="demo")
+    assert len(fig.axes[0].texts) == len(DEMO_POINTS)
+    assert label_collisions(fig) == (0, 0)
+
+    unplaced = Figure(figsize=(10, 6.5), dpi=110)
+    FigureCanvasAgg(unplaced)
+    ax = unplaced.subplots()
+    ax.set_xscale("log")
+    ax.scatter([p[1] for p in DEMO_POINTS], [p[2] for p in DEMO_POINTS])
+    for label, x, y, _ in DEMO_POINTS:
+        ax.text(x, y, label, fontsize=7)
+    assert label_collisions(unplaced)[0] > 5
+
+
 def test_model_cards_have_valid_front_matter(built):
     from huggingface_hub import ModelCard
 
