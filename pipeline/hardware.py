@@ -1,7 +1,8 @@
 """GPUs and machines: which GPUs can run which formats, and what this machine has.
 
-- **GPUs in recipes** (pure data and arithmetic, no torch): NVIDIA compute capabilities of common
-  serving GPUs. The recipe schema validates target names against them, the planner compares each
+- **GPUs in recipes** (pure data and arithmetic, no torch): NVIDIA compute capabilities, memory
+  bandwidths and tensor-core peaks of common serving GPUs (the report's speed estimates use the
+  last two). The recipe schema validates target names against them, the planner compares each
   variant's GPU needs (from its backend) with the recipe's targets and checks that a model can be
   split the way a target asks.
 - **This machine**, for stages that declare requirements (``Hints.requires``): checked, never
@@ -17,29 +18,59 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
-# Compute capability per GPU (NVIDIA's published table).
-GPU_COMPUTE_CAPABILITY: dict[str, float] = {
-    "V100": 7.0,
-    "T4": 7.5,
-    "A100": 8.0,
-    "A30": 8.0,
-    "A10": 8.6,
-    "A10G": 8.6,
-    "A40": 8.6,
-    "RTX3090": 8.6,
-    "L4": 8.9,
-    "L40": 8.9,
-    "L40S": 8.9,
-    "RTX4090": 8.9,
-    "H100": 9.0,
-    "H200": 9.0,
-    "GH200": 9.0,
-    "B200": 10.0,
-    "GB200": 10.0,
-    "B300": 10.3,
-    "RTX5090": 12.0,
+
+@dataclass(frozen=True)
+class GPU:
+    """A serving GPU's published figures (NVIDIA's datasheets; dense tensor-core peaks, not the
+    sparse ones the datasheets print first).
+
+    Attributes:
+        compute_capability: NVIDIA's compute capability (which formats its kernels run).
+        bandwidth_gbs: memory bandwidth, GB/s (what batch-1 decoding is bound by).
+        peak_tflops: dense tensor-core peak per matmul precision (``16-bit``: BF16, or FP16 where
+            the GPU has no BF16, with FP32 accumulation; ``fp8``; ``int8`` in TOPS; ``fp4``); a
+            precision the GPU lacks, or whose figure is not published, is absent.
+        source: where the figures come from; ``uncertain`` marks figures not confirmed against
+            a datasheet (the estimates that use them say so).
+    """
+
+    compute_capability: float
+    bandwidth_gbs: float | None = None
+    peak_tflops: dict[str, float] = field(default_factory=dict)
+    source: str = ""
+
+
+_HOPPER = {"16-bit": 989.0, "fp8": 1979.0, "int8": 1979.0}
+# The GPUs a recipe may name, in the order messages list them.
+GPUS: dict[str, GPU] = {
+    "V100": GPU(7.0, 900, {"16-bit": 125}, "V100 datasheet (SXM2; FP16, no BF16 or INT8 tensor cores)"),
+    "T4": GPU(7.5, 320, {"16-bit": 65, "int8": 130}, "T4 datasheet (FP16 mixed precision; no BF16)"),
+    "A100": GPU(8.0, 2039, {"16-bit": 312, "int8": 624}, "A100 datasheet (SXM 80GB; no FP8)"),
+    "A30": GPU(8.0, 933, {"16-bit": 165, "int8": 330}, "A30 datasheet (uncertain: not re-checked)"),
+    "A10": GPU(8.6, 600, {"16-bit": 125, "int8": 250}, "A10 datasheet"),
+    # AWS publishes the A10G's bandwidth but no tensor-core peak: no prefill estimate.
+    "A10G": GPU(8.6, 600, {}, "AWS G5 (bandwidth only; tensor peaks unpublished)"),
+    "A40": GPU(8.6, 696, {"16-bit": 149.7, "int8": 299.3}, "A40 datasheet"),
+    "RTX3090": GPU(8.6, 936, {"16-bit": 71, "int8": 284}, "GeForce RTX 3090 (Ampere whitepaper; FP32 accumulate)"),
+    "L4": GPU(8.9, 300, {"16-bit": 121, "fp8": 242.5, "int8": 242.5}, "L4 datasheet"),
+    "L40": GPU(8.9, 864, {"16-bit": 181, "fp8": 362, "int8": 362}, "L40 datasheet"),
+    "L40S": GPU(8.9, 864, {"16-bit": 362, "fp8": 733, "int8": 733}, "L40S datasheet"),
+    "RTX4090": GPU(8.9, 1008, {"16-bit": 165, "fp8": 330, "int8": 660},
+                   "GeForce RTX 4090 (Ada whitepaper; FP32 accumulate)"),
+    "H100": GPU(9.0, 3350, _HOPPER, "H100 datasheet (SXM5)"),
+    "H200": GPU(9.0, 4800, _HOPPER, "H200 datasheet (SXM)"),
+    "GH200": GPU(9.0, 4000, _HOPPER, "GH200 datasheet (96 GB HBM3 GPU; the 144 GB HBM3e one reads 4,900 GB/s)"),
+    "B200": GPU(10.0, 8000, {"16-bit": 2250, "fp8": 4500, "int8": 4500, "fp4": 9000}, "HGX B200 datasheet"),
+    "GB200": GPU(10.0, 8000, {"16-bit": 2500, "fp8": 5000, "int8": 5000, "fp4": 10000},
+                 "GB200 NVL72 datasheet, per GPU (uncertain: derived from the rack's figures)"),
+    # Blackwell Ultra trades INT8 for FP4; its INT8 and FP4 dense figures are not confirmed.
+    "B300": GPU(10.3, 8000, {"16-bit": 2250, "fp8": 4500}, "HGX B300 (uncertain: figures not re-checked)"),
+    "RTX5090": GPU(12.0, 1792, {"16-bit": 209.5, "fp8": 419, "int8": 838, "fp4": 1676},
+                   "GeForce RTX 5090 (Blackwell whitepaper; FP32 accumulate; uncertain)"),
 }
+GPU_COMPUTE_CAPABILITY: dict[str, float] = {name: gpu.compute_capability for name, gpu in GPUS.items()}
 
 
 def normalise_gpu(name: str) -> str:
@@ -48,6 +79,10 @@ def normalise_gpu(name: str) -> str:
 
 def compute_capability(name: str) -> float | None:
     return GPU_COMPUTE_CAPABILITY.get(normalise_gpu(name))
+
+
+def gpu(name: str) -> GPU | None:
+    return GPUS.get(normalise_gpu(name))
 
 
 def known_gpu(name: str, *, cpu: bool = False) -> str:
@@ -154,3 +189,39 @@ def missing(requires: tuple[str, ...]) -> list[str]:
         else:
             lacking.append(f"unknown requirement {need!r}")
     return lacking
+
+
+# -- how busy this machine is -------------------------------------------------------------------
+
+# A measurement during which other processes kept more than this many cores busy on average
+# is taken again, and flagged if it never gets quieter (speeds from a busy machine are not its own).
+BUSY_CORES = 0.25
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU-seconds every core of this machine has spent busy since boot (``/proc/stat``'s
+    aggregate line: everything but idle and iowait); None where there is no ``/proc/stat``."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU-seconds of this process and its finished children (the measured tool among them)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def other_cores(busy_before: float, busy_after: float, own_before: float, own_after: float, wall: float) -> float:
+    """How many cores, on average over ``wall`` seconds, processes other than this one and its
+    children kept busy (never below 0: the counters tick at different moments)."""
+    if wall <= 0:
+        return 0.0
+    return max(0.0, ((busy_after - busy_before) - (own_after - own_before)) / wall)

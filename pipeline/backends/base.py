@@ -27,6 +27,12 @@ class FormatInfo:
         cpu_evaluation: how the CPU quality check computes what the engine computes.
         gpus: per engine, ``[lowest compute capability, upper bound (exclusive) or None]``;
             default: every engine from ``min_compute_capability`` up.
+        compute: the precision of the GPU engines' matmuls on the quantized layers (``16-bit``
+            for weight-only formats, whose kernels dequantize to the activations' 16 bits;
+            ``fp8``, ``int8``, ``fp4``); None for formats no GPU engine serves. The report's
+            prefill estimates read the GPU's peak for it.
+        kv_cache: the KV cache's precision in the engine (``16-bit`` unless the format carries
+            quantized KV-cache scales).
     """
 
     format: str
@@ -37,6 +43,8 @@ class FormatInfo:
     serve: dict[str, str] = field(default_factory=dict)
     cpu_evaluation: str = ""
     gpus: dict[str, list[float | None]] | None = None
+    compute: str | None = None
+    kv_cache: str = "16-bit"
 
     def __post_init__(self) -> None:
         # Per engine, the compute capabilities it runs the format on: [lowest, below this or None].

@@ -58,32 +58,33 @@ _W16 = "weights: stored {w} dequantized exactly; activations: not quantized (16-
 # (whether the installed compressed-tensors has a preset is checked at plan time): the recipe's
 # ``scheme`` choices, in this order.
 # min_cc: lowest compute capability on which vLLM runs the format's own kernels
-# (llm-compressor's scheme guide: INT W4A16/W8A16/W8A8 7.5, FP8 8.9, FP4 10.0).
+# (llm-compressor's scheme guide: INT W4A16/W8A16/W8A8 7.5, FP8 8.9, FP4 10.0); compute: the
+# precision of vLLM's matmuls (``FormatInfo.compute``).
 SCHEMES: dict[str, dict[str, Any]] = {
     # FP8 weights per channel, FP8 activations per token (dynamic)
-    "FP8_DYNAMIC": {"streamed": True, "bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-channel scales) "
+    "FP8_DYNAMIC": {"compute": "fp8", "streamed": True, "bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-channel scales) "
                     "dequantized exactly; input activations: FP8 per-token dynamic quantization simulated in fp32"},
     # FP8 weights per tensor, FP8 activations per tensor (static, calibrated)
-    "FP8": {"streamed": True, "bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-tensor scale) dequantized exactly; "
+    "FP8": {"compute": "fp8", "streamed": True, "bits": 8, "min_cc": 8.9, "eval": "weights: stored FP8 (E4M3, per-tensor scale) dequantized exactly; "
             "input activations: FP8 with the calibrated static per-tensor scales, simulated in fp32"},
     # INT8 weights per channel, INT8 activations per token (dynamic)
-    "W8A8": {"streamed": False, "bits": 8, "min_cc": 7.5, "eval": "weights: stored INT8 (per-channel scales) dequantized exactly; "
+    "W8A8": {"compute": "int8", "streamed": False, "bits": 8, "min_cc": 7.5, "eval": "weights: stored INT8 (per-channel scales) dequantized exactly; "
              "input activations: INT8 per-token dynamic quantization simulated in fp32"},
     # INT8 weights per group, 16-bit activations
-    "W8A16": {"streamed": True, "bits": 8, "min_cc": 7.5, "eval": _W16.format(w="INT8 (per-group scales)")},
+    "W8A16": {"compute": "16-bit", "streamed": True, "bits": 8, "min_cc": 7.5, "eval": _W16.format(w="INT8 (per-group scales)")},
     # INT4 weights per group (symmetric), 16-bit activations
-    "W4A16": {"streamed": True, "bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales)")},
+    "W4A16": {"compute": "16-bit", "streamed": True, "bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales)")},
     # INT4 weights per group with zero points
-    "W4A16_ASYM": {"streamed": True, "bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales and zero points)")},
+    "W4A16_ASYM": {"compute": "16-bit", "streamed": True, "bits": 4, "min_cc": 7.5, "eval": _W16.format(w="INT4 (per-group scales and zero points)")},
     # FP4 (E2M1) weights, FP8 scales per 16, fp32 global scale
-    "NVFP4A16": {"streamed": True, "bits": 4, "min_cc": 10.0, "eval": _W16.format(w="FP4 (E2M1, FP8 scales per 16, fp32 global scale)")},
+    "NVFP4A16": {"compute": "16-bit", "streamed": True, "bits": 4, "min_cc": 10.0, "eval": _W16.format(w="FP4 (E2M1, FP8 scales per 16, fp32 global scale)")},
     # NVFP4 weights and activations (calibrated global input scales)
-    "NVFP4": {"streamed": True, "bits": 4, "min_cc": 10.0, "eval": "weights: stored NVFP4 dequantized exactly; input activations: "
+    "NVFP4": {"compute": "fp4", "streamed": True, "bits": 4, "min_cc": 10.0, "eval": "weights: stored NVFP4 dequantized exactly; input activations: "
               "NVFP4 (FP8 scales per 16 computed per token group, calibrated global scale) simulated in fp32"},
     # FP4 weights, E8M0 scales per 32
-    "MXFP4A16": {"streamed": True, "bits": 4, "min_cc": 10.0, "eval": _W16.format(w="MXFP4 (E2M1, E8M0 scales per 32)")},
+    "MXFP4A16": {"compute": "16-bit", "streamed": True, "bits": 4, "min_cc": 10.0, "eval": _W16.format(w="MXFP4 (E2M1, E8M0 scales per 32)")},
     # MXFP4 weights and activations
-    "MXFP4": {"streamed": True, "bits": 4, "min_cc": 10.0, "eval": "weights: stored MXFP4 dequantized exactly; input activations: "
+    "MXFP4": {"compute": "fp4", "streamed": True, "bits": 4, "min_cc": 10.0, "eval": "weights: stored MXFP4 dequantized exactly; input activations: "
               "MXFP4 (E8M0 scales per 32, dynamic) simulated in fp32"},
 }
 # "streamed": evaluated a layer at a time from the files (W8A8's int-quantized format is loaded
@@ -219,6 +220,7 @@ class LLMCompressorBackend(Quantizer):
             min_compute_capability=info["min_cc"],
             serve={"vllm": "vllm serve {path}"},
             cpu_evaluation=info["eval"],
+            compute=info["compute"],
         )
 
     def check_variant(self, variant: Any, model_config: Any) -> None:

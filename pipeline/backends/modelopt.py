@@ -55,33 +55,34 @@ _NVFP4_EVAL = ("weights: stored NVFP4 (E2M1, FP8 scales per 16, fp32 global scal
 _NVFP4_GPUS = {"trtllm": (10.0, _ANY), "vllm": (10.0, _ANY), "trtllm-engine": (10.0, _ANY)}
 # The formats, named as ModelOpt's own ``hf_ptq`` example names them (``--qformat``: the recipe's
 # ``qformat`` choices, in this order). preset: the ``mtq.*_CFG`` config each uses (checked against
-# the installed ModelOpt at plan time); algo: the ``quant_algo`` its export records.
+# the installed ModelOpt at plan time); algo: the ``quant_algo`` its export records; compute: the
+# precision of the engines' matmuls on the quantized layers (``FormatInfo.compute``).
 QFORMATS: dict[str, dict[str, Any]] = {
     # FP8 weights and activations, per-tensor static scales
-    "fp8": {"preset": "FP8_DEFAULT_CFG", "algo": "FP8", "bits": 8,
+    "fp8": {"compute": "fp8", "preset": "FP8_DEFAULT_CFG", "algo": "FP8", "bits": 8,
             "gpus": {"trtllm": (8.9, _ANY), "vllm": (8.9, _ANY), "trtllm-engine": (8.9, _ANY)},
             "eval": "weights: stored FP8 (E4M3, per-tensor scales) dequantized exactly; input activations: FP8 "
                     "with the exported static per-tensor scales, simulated in fp32"},
     # FP8 weights per channel, activations per token
-    "fp8_pc_pt": {"preset": "FP8_PER_CHANNEL_PER_TOKEN_CFG", "algo": "FP8_PER_CHANNEL_PER_TOKEN", "bits": 8,
+    "fp8_pc_pt": {"compute": "fp8", "preset": "FP8_PER_CHANNEL_PER_TOKEN_CFG", "algo": "FP8_PER_CHANNEL_PER_TOKEN", "bits": 8,
                   "gpus": {"trtllm": (9.0, 10.0), "vllm": (8.9, _ANY), "trtllm-engine": (9.0, 10.0)},
                   "eval": "weights: stored FP8 (E4M3, per-channel scales) dequantized exactly; input activations: "
                           "FP8 per-token dynamic quantization simulated in fp32"},
     # NVFP4 weights and activations (W4A4)
-    "nvfp4": {"preset": "NVFP4_DEFAULT_CFG", "algo": "NVFP4", "bits": 4, "gpus": _NVFP4_GPUS, "eval": _NVFP4_EVAL},
+    "nvfp4": {"compute": "fp4", "preset": "NVFP4_DEFAULT_CFG", "algo": "NVFP4", "bits": 4, "gpus": _NVFP4_GPUS, "eval": _NVFP4_EVAL},
     # NVFP4 on the MLP only, attention left in 16-bit
-    "nvfp4_mlp_only": {"preset": "NVFP4_MLP_ONLY_CFG", "algo": "NVFP4", "bits": 4, "gpus": _NVFP4_GPUS,
+    "nvfp4_mlp_only": {"compute": "fp4", "preset": "NVFP4_MLP_ONLY_CFG", "algo": "NVFP4", "bits": 4, "gpus": _NVFP4_GPUS,
                        "eval": _NVFP4_EVAL + "; attention projections unquantized (16-bit) as exported"},
     # NVFP4 on the MLP and attention's o_proj
-    "nvfp4_omlp_only": {"preset": "NVFP4_OMLP_ONLY_CFG", "algo": "NVFP4", "bits": 4, "gpus": _NVFP4_GPUS,
+    "nvfp4_omlp_only": {"compute": "fp4", "preset": "NVFP4_OMLP_ONLY_CFG", "algo": "NVFP4", "bits": 4, "gpus": _NVFP4_GPUS,
                         "eval": _NVFP4_EVAL + "; q/k/v projections unquantized (16-bit) as exported"},
     # INT4 weights per block (AWQ-lite), 16-bit activations
-    "int4_awq": {"preset": "INT4_AWQ_CFG", "algo": "W4A16_AWQ", "bits": 4,
+    "int4_awq": {"compute": "16-bit", "preset": "INT4_AWQ_CFG", "algo": "W4A16_AWQ", "bits": 4,
                  "gpus": {"trtllm": (8.0, 10.0), "trtllm-engine": (8.0, 10.0)},
                  "eval": "weights: stored INT4 (per-block fp32 scales, AWQ pre-quant scales as exported) "
                          "dequantized exactly; activations: not quantized (16-bit in the engine, fp32 here)"},
     # INT8 SmoothQuant: per-channel weights, per-tensor activations
-    "int8_sq": {"preset": "INT8_SMOOTHQUANT_CFG", "algo": "W8A8_SQ_PER_CHANNEL", "bits": 8,
+    "int8_sq": {"compute": "int8", "preset": "INT8_SMOOTHQUANT_CFG", "algo": "W8A8_SQ_PER_CHANNEL", "bits": 8,
                 "gpus": {"trtllm-engine": (8.0, _ANY)},
                 "eval": "weights: stored INT8 (per-channel scales) dequantized exactly; input activations: "
                         "SmoothQuant pre-quant scales then INT8 with the exported static per-tensor scales, "
@@ -195,6 +196,8 @@ class ModelOptBackend(Quantizer):
             serve={e: _SERVE[e] for e in engines if e in _SERVE},  # engines are built, then served
             cpu_evaluation=info["eval"] + (_KV_EVAL if variant.kv_cache_qformat == "fp8" else ""),
             gpus={e: [low, None if high == _ANY else high] for e, (low, high) in info["gpus"].items()},
+            compute=info["compute"],
+            kv_cache="fp8" if variant.kv_cache_qformat == "fp8" else "16-bit",
         )
 
     def runs_on(self, variant: Any, compute_capability: float, engine: str | None = None) -> bool:

@@ -67,3 +67,43 @@ def config_dtype(folder: Path):
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, name)
+
+
+def serving_shape(config) -> dict[str, int | bool]:
+    """What the serving cost of the architecture depends on, counted on the weightless model
+    (recorded in every manifest; the report's speed estimates are computed from it).
+
+    ``matmul_params`` are the weights one token multiplies through: every Linear (the LM head
+    too, tied or not), other modules' matrices (routers), and, for mixture-of-experts models, the
+    routed share of the stacked expert tensors (``num_experts_per_tok / num_experts``). ``embedding_params`` are the input
+    embedding's, of which a token reads one row (all of them again as a tied LM head).
+    """
+    import torch
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model = meta_model(config)
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    routed = getattr(text, "num_experts_per_tok", None)
+    share = routed / experts if experts and routed else 1.0
+    matmul = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            matmul += module.weight.numel()
+        elif not isinstance(module, torch.nn.Embedding):
+            own = list(module.parameters(recurse=False))
+            matmul += sum(p.numel() for p in own if p.dim() == 2) + share * sum(p.numel() for p in own if p.dim() >= 3)
+    heads = getattr(text, "num_attention_heads", 0) or 0
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else 0)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "matmul_params": int(matmul),
+        "embedding_params": embedding.numel(),
+        "tied_embeddings": tied,
+        "layers": getattr(text, "num_hidden_layers", 0) or 0,
+        "attention_heads": heads,
+        "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+    }

@@ -51,6 +51,7 @@ def report(
     """Write a model's tradeoff report: per variant engine, format, bits, size, PPL, KLD, top-1,
     measured speed, gate and minimum GPU; Pareto plots; a recommendation per target."""
     from pipeline.recipe.load import load_recipe
+    from pipeline.recipe.schema import FAST_MAX_KLD
     from pipeline.report.build import build_report, write_report
     from pipeline.report.recommend import Target
     from pipeline.run.orchestrate import storage_root
@@ -58,6 +59,7 @@ def report(
 
     targets = [_target(t) for t in target] if target else None
     gpus: list[str] = []
+    fast_max_kld = FAST_MAX_KLD
     if subject.endswith((".yaml", ".yml")) or Path(subject).is_file():
         loaded = load_recipe(subject)
         recipe = loaded.recipe
@@ -66,14 +68,15 @@ def report(
         if targets is None and recipe.report.targets:
             targets = [Target(t.engine, t.gpu, t.max_gb, t.max_kld) for t in recipe.report.targets]
         gpus = [t.gpu for t in recipe.targets]
+        fast_max_kld = recipe.report.fast_max_kld
     else:
         model = subject
         check_name(model, "model")
         url = storage_url(storage)
-    rep = build_report(open_storage(url), model, targets, gpus)
+    rep = build_report(open_storage(url), model, targets, gpus, fast_max_kld)
     written = write_report(rep, out or Path("reports") / model / "tradeoff")
     typer.echo(f"report of {len(rep.rows)} variant(s) of {model}:")
     for path in written.values():
         typer.echo(f"  {path}")
     for r in rep.recommendations:
-        typer.echo(f"  {r.target.label}: {r.variant or 'none'}")
+        typer.echo(f"  {r.target.label}: {r.variant or 'none'}" + (f" (fastest: {r.fastest})" if r.fastest else ""))

@@ -2,13 +2,14 @@
 stages' results.
 
 It says what the files are (every file's sha256 and size), where they came from (source repo and
-commit or file digest, recipe digest, tool versions, calibration and eval data digests), how good
-they are (metrics against the baseline, and how the CPU computed them), whether they passed their
+commit or file digest, recipe digest, tool versions, calibration and eval data digests), the
+architecture's serving shape (parameters a token multiplies through, KV heads), how good they are (metrics against the baseline, and how the CPU computed them), whether they passed their
 gate, and how to serve them. ``pipeline.storage.manifest`` reads and checks it.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -80,6 +81,7 @@ def build_manifest(ctx: RunContext, stage: Stage, inputs: PublishInputs) -> dict
         "variant_spec": variant.model_dump(mode="json"),
         "format": quant.result["format"],
         "size_bytes": quant.result["size_bytes"],
+        "architecture": _serving_shape(str(inputs["fetch"].data), recipe.source.trust_remote_code),
         "tools": {"modelbuild": __version__, **{t: plan.tool_versions[t] for t in used_tools}},
         "data": data,
         "baseline": {"ppl": baseline["ppl"]},
@@ -102,3 +104,13 @@ def build_manifest(ctx: RunContext, stage: Stage, inputs: PublishInputs) -> dict
         manifest["gguf"] = {k: quant.result[k] for k in
                             ("files", "file_type", "tensor_types", "metadata", "imatrix_sha256", "conversion")}
     return manifest
+
+
+@functools.lru_cache(maxsize=8)
+def _serving_shape(checkpoint: str, trust_remote_code: bool) -> dict[str, int | bool]:
+    """The source's ``shapes.serving_shape``: once per run and source, not once per variant."""
+    from transformers import AutoConfig
+
+    from pipeline.backends.shapes import serving_shape
+
+    return serving_shape(AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code))

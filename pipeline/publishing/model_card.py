@@ -157,7 +157,14 @@ def _calibration(cal: dict[str, Any] | None) -> str:
 def _speed(manifest: dict[str, Any]) -> str:
     s = manifest.get("speed")
     if not s:
-        return "Not measured: no stage ran this variant's engine on its hardware (GPU engines need a GPU builder)."
-    figures = ", ".join(f"{k[:2]}{k[2:-4]} {v:.1f} tokens/s" for k, v in s.items() if k.endswith("_tps"))
+        return ("Not measured: no stage ran this variant's engine on its hardware (GPU engines need a GPU builder; "
+                "`modelbuild report` estimates their speed per GPU from the files and the model's shape).")
+    figures = ", ".join(f"{k[:2]}{k[2:-4]} {v:.1f} tokens/s" + (f" (min–max {r[0]:.1f}–{r[1]:.1f})" if (r := s.get(f"{k}_range")) else "")
+                        for k, v in s.items() if k.endswith("_tps"))
+    load = s.get("load") or {}
+    quiet = ""
+    if load.get("other_cores") is not None:
+        quiet = (f" Other processes kept {load['other_cores']:.2f} cores busy meanwhile"
+                 + (" (a busy machine: slower than its own speed)." if load.get("busy") else "."))
     return (f"{s.get('tool', 'benchmark')} on {s.get('cpu_model') or s.get('cpu')} with {s.get('threads')} threads "
-            f"(median of {s.get('repetitions')}): {figures}.")
+            f"(median of {s.get('repetitions')}): {figures}.{quiet}")

@@ -303,10 +303,19 @@ class ReportTarget(Strict):
         return self
 
 
+# The default quality floor of the report's fastest pick per target: the mean KLD of 8-bit formats
+# on small models stays well below it, 4-bit ones without an importance matrix above it
+# (docs/quality.md).
+FAST_MAX_KLD = 0.05
+
+
 class ReportSettings(Strict):
     targets: list[ReportTarget] = Field(
         default_factory=list,
         description="targets to recommend a variant for; default: each engine on each recipe target GPU, llama.cpp on CPU",
+    )
+    fast_max_kld: float = Field(
+        FAST_MAX_KLD, gt=0, description="quality floor of each target's fastest pick: the worst mean KLD vs the baseline accepted",
     )
 
 

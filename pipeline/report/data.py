@@ -1,20 +1,23 @@
 """One row per published variant of a model: the newest version's figures from its manifest.
 
 Only what was measured goes in a row. A figure the manifest lacks stays ``None`` and is shown as
-"not measured"; speed exists only where a stage ran the variant's engine on real hardware (today:
-llama-bench on the CPU for GGUF variants).
+"not measured"; speed is measured only where a stage ran the variant's engine on real hardware
+(today: llama-bench on the CPU for GGUF variants), and estimated (``pipeline.report.estimate``,
+labelled as such) on each target GPU for the variants of GPU engines.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import engines
+from pipeline import engines, hardware
 from pipeline.errors import IntegrityError, StorageError
 from pipeline.files import MANIFEST
 from pipeline.hashing import digest_bytes
+from pipeline.report.estimate import Estimate, estimate, unquantized
 from pipeline.storage.base import Storage
 from pipeline.storage.consume import latest_entries
 from pipeline.storage.registry import read_index
@@ -34,8 +37,12 @@ class Row:
     metrics: dict[str, float | None]
     gate_passed: bool | None
     min_compute_capability: float | None
-    speed: dict[str, Any] | None = None  # {"pp_tps", "tg_tps", "pp_tokens", "tg_tokens", "hardware", "tool", "threads"}
+    # {"pp_tps", "tg_tps", "pp_range", "tg_range", "pp_tokens", "tg_tokens", "hardware", "tool", "threads", "load"}
+    speed: dict[str, Any] | None = None
     speedup: dict[str, float | str] | None = None  # vs the unquantized model in the same engine: {"pp", "tg", "reference"}
+    # Per target GPU (GPU engines' variants): the estimated speed, and the same for the model in 16 bits.
+    estimates: dict[str, Estimate] = field(default_factory=dict)
+    reference_estimates: dict[str, Estimate] = field(default_factory=dict)
     location: str = ""
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -52,15 +59,18 @@ def _speed(manifest: dict[str, Any]) -> dict[str, Any] | None:
     raw = manifest.get("speed")
     if not raw:
         return None
-    pp = [(int(k[2:-4]), v) for k, v in raw.items() if k.startswith("pp") and k.endswith("_tps")]
-    tg = [(int(k[2:-4]), v) for k, v in raw.items() if k.startswith("tg") and k.endswith("_tps")]
+    pp = [(int(k[2:-4]), v) for k, v in raw.items() if re.fullmatch(r"pp\d+_tps", k)]
+    tg = [(int(k[2:-4]), v) for k, v in raw.items() if re.fullmatch(r"tg\d+_tps", k)]
     if not pp and not tg:
         return None
     return {
         "pp_tokens": pp[0][0] if pp else None, "pp_tps": pp[0][1] if pp else None,
         "tg_tokens": tg[0][0] if tg else None, "tg_tps": tg[0][1] if tg else None,
+        "pp_range": raw.get(f"pp{pp[0][0]}_tps_range") if pp else None,
+        "tg_range": raw.get(f"tg{tg[0][0]}_tps_range") if tg else None,
         "hardware": raw.get("cpu_model") or raw.get("cpu") or "unknown CPU",
-        "threads": raw.get("threads"), "tool": raw.get("tool"),
+        "threads": raw.get("threads"), "tool": raw.get("tool"), "repetitions": raw.get("repetitions"),
+        "load": raw.get("load"),
     }
 
 
@@ -88,8 +98,9 @@ def read_manifest(storage: Storage, entry: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def collect(storage: Storage, model: str) -> list[Row]:
-    """Rows for every variant of ``model`` published in ``storage`` (newest version each).
+def collect(storage: Storage, model: str, gpus: tuple[str, ...] = ()) -> list[Row]:
+    """Rows for every variant of ``model`` published in ``storage`` (newest version each), with
+    speed estimates on ``gpus`` for the variants of GPU engines that were not measured.
 
     Raises:
         StorageError: nothing published for ``model``.
@@ -118,7 +129,20 @@ def collect(storage: Storage, model: str) -> list[Row]:
             manifest=manifest,
         ))
     _add_speedups(rows)
+    for row in rows:
+        if row.speed is None and row.engines and not set(row.engines) & set(engines.CPU_IDS):
+            where = [g for g in gpus if _runs_on(row, g)]
+            row.estimates = {g: estimate(row.manifest, g) for g in where}
+            if row.manifest.get("architecture"):
+                row.reference_estimates = {g: estimate(unquantized(row.manifest), g) for g in where}
     return rows
+
+
+def _runs_on(row: Row, gpu: str) -> bool:
+    """Whether one of the row's engines runs its format on ``gpu`` (no estimate elsewhere)."""
+    cc = hardware.compute_capability(gpu)
+    spans = [engines.gpu_range((row.manifest.get("format") or {}).get("gpus") or {}, e) for e in row.engines]
+    return cc is not None and any((low is None or cc >= low) and (high is None or cc < high) for low, high in spans)
 
 
 def _add_speedups(rows: list[Row]) -> None:

@@ -61,19 +61,34 @@ def gate(row: Row) -> str:
 
 
 def speed_cell(row: Row, key: str) -> str:
+    """Measured: the median (min-max of the repetitions); else the estimates per GPU, so labelled."""
     s = row.speed
-    if s is None or s.get(f"{key}_tps") is None:
+    if s is None:
+        field = "prefill_tps" if key == "pp" else "decode_tps"
+        shown = [f"est. {getattr(e, field):,.0f} ({gpu})" for gpu, e in row.estimates.items() if getattr(e, field)]
+        return "; ".join(shown) or NOT_MEASURED
+    if s.get(f"{key}_tps") is None:
         return NOT_MEASURED
-    return f"{s[f'{key}_tps']:.1f}"
+    spread = s.get(f"{key}_range")
+    return f"{s[f'{key}_tps']:.1f}" + (f" ({spread[0]:.1f}–{spread[1]:.1f})" if spread else "")
 
 
 def hardware(row: Row) -> str:
     s = row.speed
     if s is None:
+        if row.estimates:
+            return f"estimate for {', '.join(row.estimates)} (not measured: the model is in the notes)"
         gpu = "the CPU" if cpu_only(row) else "a GPU"
         return f"{NOT_MEASURED} (needs {engines(row)} on {gpu})"
     threads = f", {s['threads']} threads" if s.get("threads") else ""
-    return f"{s['hardware']}{threads} ({s.get('tool') or 'bench'}: pp{s.get('pp_tokens')}, tg{s.get('tg_tokens')})"
+    runs = f", median of {s['repetitions']}" if s.get("repetitions") else ""
+    load = s.get("load") or {}
+    quiet = ""
+    if load.get("other_cores") is not None:
+        quiet = (f"; BUSY: others used {load['other_cores']:.2f} cores" if load.get("busy")
+                 else f"; others used {load['other_cores']:.2f} cores")
+    return (f"{s['hardware']}{threads} ({s.get('tool') or 'bench'}: pp{s.get('pp_tokens')}, tg{s.get('tg_tokens')}"
+            f"{runs}{quiet})")
 
 
 def quality(row: Row) -> str:
@@ -92,6 +107,13 @@ def quality(row: Row) -> str:
 
 
 def speedup(row: Row) -> str:
+    if row.speedup is None and row.estimates:
+        gpu, est = next(iter(row.estimates.items()))
+        ref = row.reference_estimates.get(gpu)
+        parts = [f"{k} ×{mine / theirs:.2f}" for k, mine, theirs in
+                 (("decode", est.decode_tps, ref and ref.decode_tps), ("prefill", est.prefill_tps, ref and ref.prefill_tps))
+                 if mine and theirs]
+        return f"est. {', '.join(parts)} vs 16-bit on {gpu}" if parts else NOT_MEASURED
     if row.speedup is None:
         if row.speed is not None:
             return f"{NOT_MEASURED} (no unquantized {engines(row)} reference on this hardware)"
@@ -103,9 +125,12 @@ def speedup(row: Row) -> str:
 
 
 def use_case(row: Row, recs: list[Recommendation]) -> str:
-    mine = [r.target.label for r in recs if r.variant == row.variant]
-    if mine:
-        return "recommended for " + "; ".join(mine)
+    faithful = [r.target.label for r in recs if r.variant == row.variant]
+    fastest = [r.target.label for r in recs if r.fastest == row.variant]
+    said = ([f"most faithful for {'; '.join(faithful)}"] if faithful else []) + (
+        [f"fastest for {'; '.join(fastest)}"] if fastest else [])
+    if said:
+        return "; ".join(said)
     if cpu_only(row):
         return f"{engines(row)} on CPU or any GPU"
     return f"{engines(row)} on GPUs {min_gpu(row)}"
@@ -117,7 +142,7 @@ def missing(row: Row) -> str:
 
 SUMMARY_HEAD = ["Variant", "Format", "Bits", "Quality vs baseline", "Speedup (same engine)", "Use case"]
 DETAIL_HEAD = ["Variant", "Engines", "Format", "Bits/weight", "Size", "PPL", "PPL ratio", "Mean KLD", "P99 KLD",
-               "Top-1", "PP tok/s", "TG tok/s", "Speed measured on", "Gate", "Min GPU"]
+               "Top-1", "PP tok/s", "TG tok/s", "Speed: where, how", "Gate", "Min GPU"]
 
 
 def summary_cells(row: Row, recs: list[Recommendation]) -> list[str]:
@@ -143,11 +168,12 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(rep: Report) -> str:
     lines = [f"# {rep.model}: quality × size × speed", "",
              f"{len(rep.rows)} published variant(s) in `{rep.storage}`; generated {rep.generated}. "
-             "Quality is measured against the unquantized baseline on the recipe's eval text; speed only "
-             "where the variant's engine ran on real hardware.", "", "## Summary", ""]
+             "Quality is measured against the unquantized baseline on the recipe's eval text; speed is "
+             "measured where the variant's engine ran on real hardware, else estimated (marked est.).", "", "## Summary", ""]
     lines += _md_table(SUMMARY_HEAD, [summary_cells(r, rep.recommendations) for r in rep.rows])
     lines += ["", "## Recommendations", ""]
-    lines += [f"- **{r.target.label}:** {r.reason}" for r in rep.recommendations] or ["- no targets declared"]
+    lines += [f"- **{r.target.label}:** most faithful: {r.reason} Fastest: {r.fastest_reason}"
+              for r in rep.recommendations] or ["- no targets declared"]
     lines += ["", "## Plots", ""]
     lines += [f"![{caption}]({name})\n" for name, (caption, _png) in rep.plots.items()]
     lines += ["## Every variant", ""]
@@ -180,7 +206,8 @@ def _html_table(head: list[str], rows: list[list[str]], ident: str, classes: lis
 
 
 def html_page(rep: Report) -> str:
-    recs = "".join(f"<li><b>{html.escape(r.target.label)}:</b> {html.escape(r.reason)}</li>" for r in rep.recommendations)
+    recs = "".join(f"<li><b>{html.escape(r.target.label)}:</b> most faithful: {html.escape(r.reason)} "
+                   f"Fastest: {html.escape(r.fastest_reason)}</li>" for r in rep.recommendations)
     figures = "".join(
         f'<figure><img id="plot-{name.rsplit(".", 1)[0]}" alt="{html.escape(caption)}" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>{html.escape(caption)}</figcaption></figure>'
@@ -192,7 +219,7 @@ def html_page(rep: Report) -> str:
         f"<h1>{html.escape(rep.model)}: quality × size × speed</h1>"
         f"<p>{len(rep.rows)} published variant(s) in <code>{html.escape(rep.storage)}</code>; generated "
         f"{html.escape(rep.generated)}. Quality is measured against the unquantized baseline on the recipe's eval "
-        "text; speed only where the variant's engine ran on real hardware.</p>"
+        "text; speed is measured where the variant's engine ran on real hardware, else estimated (marked est.).</p>"
         "<h2>Summary</h2>" + _html_table(SUMMARY_HEAD, [summary_cells(r, rep.recommendations) for r in rep.rows], "summary")
         + f"<h2>Recommendations</h2><ul id=recommendations>{recs or '<li>no targets declared</li>'}</ul>"
         + f"<h2>Plots</h2>{figures}"

@@ -14,15 +14,15 @@ import importlib
 VERSIONS: dict[str, int] = {
     "fetch": 3,
     "baseline": 3,
-    "quantize": 2,
+    "quantize": 3,
     "evaluate": 2,
     "gate": 1,
     "publish": 2,
     "gguf_convert": 1,
     "gguf_fidelity": 1,
     "gguf_imatrix": 2,
-    "gguf_quantize": 2,
-    "gguf_speed": 1,
+    "gguf_quantize": 3,
+    "gguf_speed": 2,
     "trtllm_engine": 1,
     "publish_engine": 1,
 }

@@ -1,5 +1,7 @@
 """gguf_speed: prompt-processing and generation tokens/s of one GGUF file with llama-bench, on
-this machine's CPU (named in the result), at a fixed thread count, median of repetitions."""
+this machine's CPU (named in the result), at a fixed thread count: the median of the repetitions,
+their min-max, and how busy other processes kept the machine (measured again when busy, flagged
+when it stayed so)."""
 
 from __future__ import annotations
 

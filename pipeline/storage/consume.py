@@ -69,6 +69,17 @@ def select(index: dict[str, Any], *, engine: str, gpu: str, max_gb: float | None
     Returns:
         ``(entry or None, why)``: ``why`` counts what each condition left, for a "none matches".
     """
+    pool, why = candidates(index, engine=engine, gpu=gpu, max_gb=max_gb, max_kld=max_kld, model=model)
+    if not pool:
+        return None, why
+    best = min(pool, key=lambda e: (e.get("metrics", {}).get("mean_kld", float("inf")), e.get("size_bytes") or 0))
+    return best, why
+
+
+def candidates(index: dict[str, Any], *, engine: str, gpu: str, max_gb: float | None, max_kld: float | None,
+               model: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The entries ``select`` chooses among (its conditions, in its order), and ``why``: how many
+    each condition left."""
     chosen = engines.find(engine)
     if chosen is None:
         raise StorageError(f"unknown engine {engine!r}", where="--engine", fix=f"use one of: {', '.join(engines.IDS)}")
@@ -94,10 +105,7 @@ def select(index: dict[str, Any], *, engine: str, gpu: str, max_gb: float | None
     for label, keep in steps:
         pool = [e for e in pool if keep(e)]
         why.append(f"{len(pool)} {label}")
-    if not pool:
-        return None, why
-    best = min(pool, key=lambda e: (e.get("metrics", {}).get("mean_kld", float("inf")), e.get("size_bytes") or 0))
-    return best, why
+    return pool, why
 
 
 # -- pull and verify ----------------------------------------------------------------------------

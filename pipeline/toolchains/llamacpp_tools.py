@@ -17,11 +17,12 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import progress
+from pipeline import hardware, progress
 from pipeline.errors import StageError, ToolError
 from pipeline.files import atomic_write
 from pipeline.toolchains import llamacpp as toolchain
@@ -176,27 +177,56 @@ def split(path: Path, max_size: str) -> list[Path]:
     return sorted(path.parent.glob(f"{prefix.name}-*-of-*.gguf"))
 
 
+# A busy machine's figures are measured again, at most this many times in all (the quietest kept).
+BENCH_ATTEMPTS = 3
+
+
 def bench(path: Path, *, threads: int, prompt_tokens: int, gen_tokens: int, repetitions: int) -> dict[str, Any]:
-    """``llama-bench``: median prompt-processing and generation tokens/s over the repetitions."""
+    """``llama-bench``: median prompt-processing and generation tokens/s over the repetitions,
+    their min-max, and how busy other processes kept the machine meanwhile (``load``). A run
+    during which others kept more than ``hardware.BUSY_CORES`` cores busy is repeated, up to
+    ``BENCH_ATTEMPTS`` runs; the quietest is kept, flagged ``busy`` if even it was not quiet."""
     chain = toolchain.find()
     # The CPU's speed (the stage's key names the CPU): no layer offloaded, even from a CUDA build.
-    proc = _run([str(chain.tool("llama-bench")), "-m", str(path), "-t", str(threads), "-p", str(prompt_tokens),
-                 "-n", str(gen_tokens), "-r", str(repetitions), "-o", "json", *chain.gpu_layers(False)],
-                what="llama-bench")
+    cmd = [str(chain.tool("llama-bench")), "-m", str(path), "-t", str(threads), "-p", str(prompt_tokens),
+           "-n", str(gen_tokens), "-r", str(repetitions), "-o", "json", *chain.gpu_layers(False)]
+    attempts = []
+    for _ in range(BENCH_ATTEMPTS):
+        proc, others = _measured(cmd)
+        attempts.append((others, proc))
+        if others is None or others <= hardware.BUSY_CORES:
+            break
+    others, proc = min(attempts, key=lambda a: a[0] if a[0] is not None else 0.0)
     try:
         rows = json.loads(proc.stdout)
     except ValueError:
         raise StageError(f"llama-bench printed no JSON: {proc.stdout[-300:]}") from None
-    out: dict[str, Any] = {"threads": threads, "repetitions": repetitions}
+    out: dict[str, Any] = {"threads": threads, "repetitions": repetitions, "load": {
+        "other_cores": None if others is None else round(others, 3), "attempts": len(attempts),
+        "busy": others is not None and others > hardware.BUSY_CORES, "busy_above_cores": hardware.BUSY_CORES}}
     for row in rows:
         samples = row.get("samples_ts") or [row["avg_ts"]]
         if row.get("n_prompt", 0) > 0 and row.get("n_gen", 0) == 0:
-            out[f"pp{row['n_prompt']}_tps"] = round(statistics.median(samples), 2)
+            key = f"pp{row['n_prompt']}_tps"
         elif row.get("n_gen", 0) > 0 and row.get("n_prompt", 0) == 0:
-            out[f"tg{row['n_gen']}_tps"] = round(statistics.median(samples), 2)
+            key = f"tg{row['n_gen']}_tps"
+        else:
+            continue
+        out[key] = round(statistics.median(samples), 2)
+        out[f"{key}_range"] = [round(min(samples), 2), round(max(samples), 2)]
         out.setdefault("cpu", row.get("cpu_info"))
         out.setdefault("backend", row.get("backends"))
     return out
+
+
+def _measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float | None]:
+    """Run a benchmark; with it, the cores other processes kept busy meanwhile (None: unknown)."""
+    busy, own, start = hardware.busy_cpu_seconds(), hardware.own_cpu_seconds(), time.monotonic()
+    proc = _run(cmd, what="llama-bench")
+    busy_after, own_after, wall = hardware.busy_cpu_seconds(), hardware.own_cpu_seconds(), time.monotonic() - start
+    if busy is None or busy_after is None:
+        return proc, None
+    return proc, hardware.other_cores(busy, busy_after, own, own_after, wall)
 
 
 def _run(cmd: list[str], *, what: str, env: dict | None = None, explain=None, cwd: Path | None = None,

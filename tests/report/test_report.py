@@ -84,19 +84,45 @@ def test_report_from_a_recipe_has_every_variant_plots_and_recommendations(built,
         # Every figure is the manifest's own, not recomputed or invented.
         assert row["metrics"]["mean_kld"] == manifests[name]["metrics"]["mean_kld"]
         assert row["size_bytes"] == manifests[name]["size_bytes"]
-    # Speed where llama-bench ran (GGUF on this CPU), "not measured" for the vLLM formats.
+    # Speed where llama-bench ran (GGUF on this CPU); the vLLM formats' estimated on the target
+    # GPU from their own files and the model's shape, never measured.
     assert rows["fp8"]["speed"] is None and rows["w4a16"]["speed"] is None
+    for name in ("fp8", "w4a16"):
+        m, est = manifests[name], rows[name]["estimates"]["H100"]
+        shape = m["architecture"]
+        weights = sum(f["size"] for f in m["files"] if f["path"].endswith(".safetensors"))
+        weights -= 0 if shape["tied_embeddings"] else 2 * shape["embedding_params"]
+        kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2 * 1024
+        assert est["kind"] == "estimate" and est["decode_tps"] == pytest.approx(0.7 * 3350e9 / (weights + kv))
+        peak = {"fp8": 1979e12, "w4a16": 989e12}[name]  # FP8 matmuls; W4A16 dequantizes to 16-bit
+        flops = 2 * shape["matmul_params"] + 4 * shape["layers"] * shape["attention_heads"] * shape["head_dim"] * 512
+        assert est["compute"] == {"fp8": "fp8", "w4a16": "16-bit"}[name]
+        assert est["prefill_tps"] == pytest.approx(0.5 * peak / flops)
+    # Four-bit weights read fewer bytes than eight-bit ones.
+    assert rows["w4a16"]["estimates"]["H100"]["decode_tps"] > rows["fp8"]["estimates"]["H100"]["decode_tps"]
     q4 = rows["gguf-q4_0"]
+    assert q4["speed"]["tg_range"][0] <= q4["speed"]["tg_tps"] <= q4["speed"]["tg_range"][1]
+    assert q4["speed"]["load"]["attempts"] >= 1 and q4["speed"]["load"]["other_cores"] >= 0
     assert q4["speed"]["tg_tps"] == manifests["gguf-q4_0"]["speed"]["tg8_tps"] and q4["speed"]["hardware"]
     assert q4["speedup"]["reference"] == "gguf-f16"
     assert q4["speedup"]["tg"] == pytest.approx(q4["speed"]["tg_tps"] / rows["gguf-f16"]["speed"]["tg_tps"])
     md = (out / "report.md").read_text()
-    assert md.count("\n| fp8 |") == 2 and "not measured (needs vLLM on a GPU)" in md and "![" in md
+    assert md.count("\n| fp8 |") == 2 and "est. " in md and "Speed estimated, not measured, for 2 variant(s)" in md
+    assert "![" in md
     # Recommendations follow select's rule: lowest mean KLD among what fits.
     recs = {r["target"]: r for r in data["recommendations"]}
     vllm_h100 = recs["vLLM on H100"]
     best = min(("fp8", "w4a16"), key=lambda v: rows[v]["metrics"]["mean_kld"])
     assert vllm_h100["variant"] == best and "lowest mean KLD" in vllm_h100["reason"]
+    # The fastest within the quality floor (0.05 by default): the least estimated time for a chat
+    # turn (1,024 prompt tokens read, 128 written).
+    within = [v for v in ("fp8", "w4a16") if rows[v]["metrics"]["mean_kld"] <= 0.05]
+    if within:
+        turn = {v: 1024 / e["prefill_tps"] + 128 / e["decode_tps"] for v in within if (e := rows[v]["estimates"]["H100"])}
+        fastest = min(turn, key=turn.get)
+        assert vllm_h100["fastest"] == fastest and "estimated" in vllm_h100["fastest_reason"]
+    else:
+        assert vllm_h100["fastest"] is None and "none of them" in vllm_h100["fastest_reason"]
     cpu = recs["llama.cpp on CPU (≤ 0.0035 GB)"]
     fitting = [v for v in ("gguf-f16", "gguf-q8", "gguf-q4_0") if rows[v]["size_bytes"] <= 0.0035e9]
     assert cpu["variant"] == (min(fitting, key=lambda v: rows[v]["metrics"]["mean_kld"]) if fitting else None)
@@ -104,6 +130,11 @@ def test_report_from_a_recipe_has_every_variant_plots_and_recommendations(built,
                   "--json")
     if fitting:
         assert json.loads(select.stdout)["variant"] == cpu["variant"]
+    # On the CPU the fastest is by measured generation speed, among those within the floor.
+    quick = [v for v in fitting if rows[v]["metrics"]["mean_kld"] <= 0.05]
+    if quick:
+        turn = {v: 1024 / rows[v]["speed"]["pp_tps"] + 128 / rows[v]["speed"]["tg_tps"] for v in quick}
+        assert cpu["fastest"] == min(turn, key=turn.get) and "measured" in cpu["fastest_reason"]
     t4 = recs["vLLM on T4 (mean KLD ≤ 1e-07)"]
     assert t4["variant"] is None and t4["reason"].startswith("nothing fits:")
 
@@ -132,7 +163,8 @@ def test_no_speed_measured_means_no_speed_plot(tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md", "size_vs_kld.png"]
     md = (out / "report.md").read_text()
-    assert "Speed not measured for 2 variant(s)" in md and "vLLM on H100" in md
+    # Published without the model's serving shape: not estimated either, and the report says why.
+    assert "Speed not measured for 2 variant(s) (fp8, w4), nor estimated: the manifest lacks" in md and "vLLM on H100" in md
 
 
 def test_pareto_frontier():
