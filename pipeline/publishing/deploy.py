@@ -154,7 +154,10 @@ http {{
             proxy_set_header Connection "";
             proxy_buffering off;          # stream tokens as the engine produces them
             proxy_read_timeout 600s;
-            proxy_next_upstream error timeout http_502 http_503;
+            # A replica that dies drops the requests it was generating; a completion has no side
+            # effects, so they are passed to the next replica too (POST is retried only with
+            # non_idempotent). Tokens already streamed to a client cannot be taken back.
+            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
         }}
     }}
 }}
