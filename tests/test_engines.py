@@ -111,8 +111,8 @@ def test_each_backend_declares_catalogue_engines_and_profiles_use_the_one_spelli
     from pipeline.publishing.serving import profiles_for
 
     cases = [
-        ("llamacpp", SimpleNamespace(type="Q4_K_M")),
-        ("llmcompressor", SimpleNamespace(scheme="FP8_DYNAMIC")),
+        ("llamacpp", SimpleNamespace(type="Q4_K_M", kv_cache_types=[])),
+        ("llmcompressor", SimpleNamespace(scheme="FP8_DYNAMIC", kv_cache_scheme="fp8")),
         ("modelopt", SimpleNamespace(qformat="fp8", kv_cache_qformat="fp8")),
     ]
     seen = set()

@@ -123,7 +123,7 @@ def test_quality_has_the_expected_shape(demo):
 
 
 WEIGHT_ONLY = ("w8a16", "w4a16-gptq", "w4a16-awq", "nvfp4a16", "mxfp4a16")
-ALL = ("fp8-dynamic", "fp8-static", "w8a8-sq-gptq", "nvfp4", "mxfp4") + WEIGHT_ONLY
+ALL = ("fp8-dynamic", "fp8-dynamic-kv-fp8", "fp8-static", "w8a8-sq-gptq", "nvfp4", "mxfp4") + WEIGHT_ONLY
 MODELOPT = ("modelopt-fp8", "modelopt-fp8-kv-fp8", "modelopt-fp8-pc-pt", "modelopt-nvfp4", "modelopt-nvfp4-mlp-only",
             "modelopt-int4-awq", "modelopt-int8-sq")
 GGUF = ("gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_k_m-no-imatrix",
@@ -145,6 +145,22 @@ def test_gguf_fidelity_and_ordering(demo):
         speed = manifests[name]["speed"]
         assert speed["pp512_tps"] > 0 and speed["tg64_tps"] > 0 and speed["threads"] == 2 and speed["cpu_model"]
         assert sum(manifests[name]["gguf"]["tensor_types"].values()) == 272
+
+
+def test_kv_cache_quantization_is_measured_for_both_engines(demo):
+    """An FP8 KV cache on llm-compressor's FP8 (measured: mean KLD 0.0261 -> 0.0320) and llama.cpp's
+    q8_0 and q4_0 caches on Q4_K_M (+0.0004 and +0.0366), each with the engine's serving flags."""
+    manifests = _manifests(demo)
+    plain, kv = manifests["fp8-dynamic"], manifests["fp8-dynamic-kv-fp8"]
+    assert kv["format"]["kv_cache"] == "fp8" and plain["format"]["kv_cache"] == "16-bit"
+    assert 0 < kv["metrics"]["mean_kld"] - plain["metrics"]["mean_kld"] < 0.02
+    assert {p["options"]["kv-cache-dtype"] for p in kv["serving_profiles"]} == {"fp8"}
+    assert {p["options"]["kv-cache-dtype"] for p in plain["serving_profiles"]} == {"auto"}
+    q4km = manifests["gguf-q4_k_m"]
+    cost = {kind: figures["added_mean_kld"] for kind, figures in q4km["kv_cache"].items()}
+    assert 0 < cost["q8_0"] < 0.005 < cost["q4_0"] < 0.1, cost
+    names = {p["name"] for p in q4km["serving_profiles"]}
+    assert {"llamacpp-q4_k_m-cpu-kv-q8_0", "llamacpp-q4_k_m-cpu-kv-q4_0"} <= names
 
 
 @pytest.mark.parametrize("name", GGUF)

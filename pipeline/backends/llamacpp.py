@@ -60,6 +60,12 @@ GGML_TENSOR_TYPES = (
 GGMLType = Literal[GGML_TENSOR_TYPES]  # type: ignore[valid-type]
 
 
+# The quantized KV-cache types llama-server takes for -ctk/-ctv (its --help), most faithful first.
+KV_CACHE_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "iq4_nl", "q4_0")
+# Every one of them stores blocks of 32 values, which must divide the head dimension.
+KV_CACHE_BLOCK = 32
+
+
 class LlamaCppVariant(VariantBase):
     """A GGUF file made by llama.cpp's converter and quantizer, served by llama.cpp."""
 
@@ -76,6 +82,17 @@ class LlamaCppVariant(VariantBase):
     split_max_size: str | None = Field(
         None, pattern=r"^[1-9][0-9]*[MG]$", description="split files above this size (e.g. 2G), llama.cpp split naming"
     )
+    kv_cache_types: list[Literal[KV_CACHE_TYPES]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="quantized KV-cache types to measure (KLD cost in llama.cpp) and to serve with (a profile each)",
+    )
+
+    @field_validator("kv_cache_types")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each KV-cache type once")
+        return value
 
     @field_validator("tensor_types")
     @classmethod
@@ -109,8 +126,11 @@ class LlamaCppVariant(VariantBase):
         return self.uses_imatrix()
 
     def backend_params(self) -> dict:
-        # The resolved imatrix choice shapes the bytes, not whether it was spelled out.
-        return {**super().backend_params(), "imatrix": self.uses_imatrix()}
+        # The resolved imatrix choice shapes the bytes, not whether it was spelled out; the KV
+        # cache is a serving choice, measured by a stage of its own.
+        params = {**super().backend_params(), "imatrix": self.uses_imatrix()}
+        params.pop("kv_cache_types")
+        return params
 
 
 class LlamaCppBackend(Backend):
@@ -147,6 +167,15 @@ class LlamaCppBackend(Backend):
         )
 
     def check_variant(self, variant: Any, model_config: Any) -> None:
+        if variant.kv_cache_types:
+            text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+            heads = getattr(text, "num_attention_heads", 0) or 0
+            head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else 0)
+            if head_dim % KV_CACHE_BLOCK:
+                raise RecipeError(
+                    f"llama.cpp stores a quantized KV cache in blocks of {KV_CACHE_BLOCK} values per head, and this "
+                    f"model's head dimension is {head_dim}", field="kv_cache_types",
+                    fix="leave kv_cache_types out for this model (its cache stays 16-bit)")
         architectures = list(getattr(model_config, "architectures", None) or [])
         supported = supported_architectures()
         if architectures and not any(a in supported for a in architectures):
@@ -185,13 +214,16 @@ class LlamaEval:
     """Next-token logits of a GGUF model for one window of token ids, computed by llama.cpp.
 
     The context is created on the first call, sized to the window (the whole window is one
-    batch, so every position's logits come from one decode, as in llama-perplexity).
+    batch, so every position's logits come from one decode, as in llama-perplexity). With
+    ``kv_cache`` (a type of ``KV_CACHE_TYPES``) keys and values are stored in that type, with
+    flash attention on (llama.cpp needs it for a quantized V cache), as ``-ctk/-ctv`` serve.
     """
 
-    def __init__(self, path: Path, threads: int | None = None, gpu: bool = False):
+    def __init__(self, path: Path, threads: int | None = None, gpu: bool = False, kv_cache: str | None = None):
         self.path = path
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.gpu = gpu  # every layer on the GPU(s) (llama.cpp splits them over all visible ones)
+        self.kv_cache = kv_cache
         self.llm = None
 
     def __call__(self, ids):
@@ -206,10 +238,14 @@ class LlamaEval:
                                 fix="run `modelbuild toolchain install --cuda`, or run with --device cpu")
             llama_cpp = toolchain.import_bindings(chain)
             self.close()
+            cache: dict = {}
+            if self.kv_cache is not None:
+                kind = getattr(llama_cpp, f"GGML_TYPE_{self.kv_cache.upper()}")
+                cache = {"type_k": kind, "type_v": kind, "flash_attn": True}
             self.llm = llama_cpp.Llama(
                 model_path=str(self.path), n_ctx=len(tokens), n_batch=len(tokens), n_ubatch=len(tokens),
                 n_gpu_layers=-1 if self.gpu else 0,
-                logits_all=True, n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
+                logits_all=True, n_threads=self.threads, n_threads_batch=self.threads, verbose=False, **cache,
             )
         self.llm.reset()
         self.llm.eval(tokens)

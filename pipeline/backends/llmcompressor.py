@@ -87,6 +87,11 @@ SCHEMES: dict[str, dict[str, Any]] = {
     "MXFP4": {"compute": "fp4", "streamed": True, "bits": 4, "min_cc": 10.0, "eval": "weights: stored MXFP4 dequantized exactly; input activations: "
               "MXFP4 (E8M0 scales per 32, dynamic) simulated in fp32"},
 }
+_KV_EVAL = ("; KV cache: FP8 with the calibrated per-tensor k/v scales, applied to post-RoPE keys and values by "
+            "compressed-tensors' own KV-cache hooks")
+# The KV-cache scheme llm-compressor calibrates for ``kv_cache_scheme: fp8`` (its FP8 KV example's):
+# FP8 E4M3, one static symmetric scale per tensor (vLLM reads k_scale/v_scale per attention layer).
+FP8_KV_CACHE = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
 # "streamed": evaluated a layer at a time from the files (W8A8's int-quantized format is loaded
 # whole: see _WHOLE_MODEL_FORMATS).
 # Schemes whose activation quantization needs observed ranges (static or global scales).
@@ -143,6 +148,9 @@ class LLMCompressorVariant(VariantBase):
     smoothquant: SmoothQuantOptions | None = None
     ignore: tuple[str, ...] = Field(("lm_head",), description="modules left unquantized")
     targets: tuple[str, ...] = Field(("Linear",), description="module types to quantize")
+    kv_cache_scheme: Literal["none", "fp8"] = Field(
+        "none", description="fp8: an FP8 KV cache with per-tensor k/v scales calibrated by llm-compressor, as vLLM loads them",
+    )
     entrypoint: Literal["oneshot", "model_free"] = Field(
         "oneshot",
         description="oneshot: the model in memory; model_free: llm-compressor's model_free_ptq, shard by "
@@ -181,6 +189,8 @@ class LLMCompressorVariant(VariantBase):
 
     def backend_params(self) -> dict:
         params = super().backend_params()
+        if self.kv_cache_scheme == "none":
+            params.pop("kv_cache_scheme")  # the bytes of variants without one, keyed as before it existed
         if self.smoothquant is not None or self.algorithm == "awq":
             # Smoothing is its own llm-compressor pass; its rewritten weights are held in the
             # stored dtype until the quantizing pass (``_fp32_layer_by_layer``), which rounds
@@ -193,6 +203,7 @@ class LLMCompressorVariant(VariantBase):
             self.algorithm in ("gptq", "awq")
             or self.smoothquant is not None
             or self.scheme in CALIBRATED_ACTIVATIONS
+            or self.kv_cache_scheme != "none"  # the k/v scales are observed on calibration data
         )
 
 # Parameters that must keep their own dtype when the rest is cast back to the source dtype.
@@ -219,8 +230,9 @@ class LLMCompressorBackend(Quantizer):
             engines=("vllm",),
             min_compute_capability=info["min_cc"],
             serve={"vllm": "vllm serve {path}"},
-            cpu_evaluation=info["eval"],
+            cpu_evaluation=info["eval"] + (_KV_EVAL if variant.kv_cache_scheme == "fp8" else ""),
             compute=info["compute"],
+            kv_cache="fp8" if variant.kv_cache_scheme == "fp8" else "16-bit",
         )
 
     def check_variant(self, variant: Any, model_config: Any) -> None:
@@ -350,7 +362,7 @@ class LLMCompressorBackend(Quantizer):
                                                          quantization_config=_decompressed()).to(device)
         for module in _quantized(model):
             _exact_fp32(module)
-        return _simulate_activations(model.eval())
+        return _checked_kv_cache(_simulate_activations(model.eval()), path)
 
     def memory(self, variant: Any) -> dict[str, str | None]:
         if variant.entrypoint == "model_free":
@@ -383,7 +395,8 @@ class LLMCompressorBackend(Quantizer):
         # The library would decompress the whole model on the first forward: the layers are
         # decompressed one at a time instead.
         model.hf_quantizer.compressor.remove_decompression_hook(model)
-        yield from streamed_logprobs(_simulate_activations(model.eval()), windows, device, weights, scratch=scratch)
+        model = _checked_kv_cache(_simulate_activations(model.eval()), path)
+        yield from streamed_logprobs(model, windows, device, weights, scratch=scratch)
 
 
 # transformers 5.14 initialises the offloaded integer weights of these formats with a float
@@ -398,6 +411,21 @@ def _formats(path: Path) -> set[str]:
     config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("quantization_config", {})
     groups = config.get("config_groups", {}).values()
     return ({g.get("format") for g in groups} | {config.get("format")}) - {None}
+
+
+def _checked_kv_cache(model, path: Path):
+    """The model, once it is known to quantize its KV cache if the checkpoint says it does.
+
+    Raises:
+        StageError: the checkpoint has a KV-cache scheme but no attention module took it (the
+            figures would be those of a 16-bit cache).
+    """
+    import json
+
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("quantization_config", {})
+    if config.get("kv_cache_scheme") and not model.modelbuild_kv_cache_layers:
+        raise StageError(f"{path} has a KV-cache scheme, but compressed-tensors attached it to no attention layer")
+    return model
 
 
 def _decompressed():
@@ -449,14 +477,23 @@ def _load_decompressed(module, stored: dict[str, Any], device: str) -> bool:
 
 def _simulate_activations(model):
     """The engine's activation quantization simulated on each quantized layer's input (and
-    output, where the scheme quantizes it); records how many layers are simulated."""
+    output, where the scheme quantizes it); records how many layers are simulated.
+
+    Attention modules of a checkpoint with a KV-cache scheme carry compressed-tensors' own
+    ``QuantizedKVCache``, which quantize-dequantizes the post-RoPE keys and values with the
+    stored k/v scales on every forward: it is left on (the library's arithmetic), and counted."""
+    from compressed_tensors.modeling.kvcache import KV_CACHE_ATTR
     from compressed_tensors.quantization import forward_quantize
 
-    simulated = 0
+    simulated = kv_layers = 0
     shared = SharedInputQDQ(forward_quantize)
     for module in model.modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None:
+            continue
+        if hasattr(module, KV_CACHE_ATTR):
+            module.quantization_enabled = True
+            kv_layers += 1
             continue
         module.quantization_enabled = False
         if scheme.input_activations is not None:
@@ -465,6 +502,7 @@ def _simulate_activations(model):
         if scheme.output_activations is not None:
             module.register_forward_hook(output_hook(forward_quantize, scheme.output_activations))
     model.modelbuild_simulated_layers = simulated
+    model.modelbuild_kv_cache_layers = kv_layers
     return model
 
 
@@ -516,7 +554,9 @@ def _modifiers(variant) -> list:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     scheme = _scheme(variant)
-    common = {"config_groups": {"group_0": scheme}, "ignore": list(variant.ignore)}
+    common: dict[str, Any] = {"config_groups": {"group_0": scheme}, "ignore": list(variant.ignore)}
+    if variant.kv_cache_scheme == "fp8":
+        common["kv_cache_scheme"] = dict(FP8_KV_CACHE)
     mods: list = []
     if variant.smoothquant is not None:
         from llmcompressor.modifiers.transform import SmoothQuantModifier

@@ -4,7 +4,8 @@
 
     fetch ──► gguf/convert-f16 ──┬──► gguf/imatrix ──┐
       │                          ├──► quantize/<v> ◄─┘ ──► evaluate/<v> ──► gate/<v> ──► publish/<v>
-      │                          │         └────────────► speed/<v> ───────────────────────┘
+      │                          │         ├────────────► speed/<v> ───────────────────────┤
+      │                          │         └────────────► kv-cache/<v> (kv_cache_types) ───┘
       └─► baseline ──────────────┴──► gguf/fidelity ──────────────────────► (every GGUF gate)
 
 One F16 conversion serves every type (BF16 gets its own conversion); one importance matrix per
@@ -109,12 +110,24 @@ def gguf_stages(backend, variant, planning: Planning) -> list[Stage]:
         version=VERSIONS["gate"],
         cached=False,
     ))
+    publish_inputs = {"checkpoint": quantize.id, "evaluation": evaluate.id, "gate": gate.id, "baseline": "baseline",
+                      "fetch": "fetch", "speed": speed.id, "fidelity": fidelity.id}
+    if variant.kv_cache_types:
+        publish_inputs["kv_cache"] = add(Stage.wired(
+            id=f"kv-cache/{name}",
+            kind="gguf_kv_cache",
+            params={**eval_params, "kv_cache_types": list(variant.kv_cache_types)},
+            inputs={"checkpoint": quantize.id, "baseline": "baseline"},
+            variant=name,
+            tools=TOOLS + ("torch",),
+            version=VERSIONS["gguf_kv_cache"],
+            hints=on_gpu,
+        )).id
     add(Stage.wired(
         id=f"publish/{name}",
         kind="publish",
         params=publish_params(backend, variant, planning),
-        inputs={"checkpoint": quantize.id, "evaluation": evaluate.id, "gate": gate.id, "baseline": "baseline",
-                "fetch": "fetch", "speed": speed.id, "fidelity": fidelity.id},
+        inputs=publish_inputs,
         variant=name,
         version=VERSIONS["publish"],
         cached=False,

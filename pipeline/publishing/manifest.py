@@ -37,12 +37,13 @@ class PublishInputs(_Always, total=False):
 
     speed: StageInput  # GGUF
     fidelity: StageInput  # GGUF
+    kv_cache: StageInput  # GGUF with kv_cache_types
 
 
 def build_manifest(ctx: RunContext, stage: Stage, inputs: PublishInputs) -> dict[str, Any]:
     """Everything but ``files``, ``version`` and ``serve`` (publish fills those in), from the
     publish stage's inputs by role (``checkpoint``, ``evaluation``, ``gate``, ``baseline``,
-    ``fetch``; ``speed`` and ``fidelity`` when planned)."""
+    ``fetch``; ``speed``, ``fidelity`` and ``kv_cache`` when planned)."""
     name = stage.params["variant"]
     recipe = ctx.recipe
     variant = ctx.variant(stage.variant)
@@ -100,6 +101,11 @@ def build_manifest(ctx: RunContext, stage: Stage, inputs: PublishInputs) -> dict
     if "fidelity" in inputs:
         fidelity = inputs["fidelity"].result
         manifest["fidelity"] = {k: fidelity[k] for k in ("tokenizer", "f16_mean_kld", "f16_max_kld", "max_kld")}
+    if "kv_cache" in inputs:
+        # Each cache type's metrics, and what it adds to the variant's own (16-bit cache) KLD.
+        own = evaluation["metrics"]["mean_kld"]
+        manifest["kv_cache"] = {kind: {**m, "added_mean_kld": m["mean_kld"] - own}
+                                for kind, m in inputs["kv_cache"].result["types"].items()}
     if quant.result.get("tensor_types") is not None:
         manifest["gguf"] = {k: quant.result[k] for k in
                             ("files", "file_type", "tensor_types", "metadata", "imatrix_sha256", "conversion")}

@@ -8,7 +8,8 @@
   (tensor/pipeline parallel size, ``max-num-seqs``, ``max-num-batched-tokens``, ``max-model-len``,
   KV-cache dtype); the quantization method is read from the checkpoint's config, as vLLM does.
 - **llama.cpp**: ``llama-server`` arguments (it has no options file): one CPU profile, and one
-  offloading every layer to the GPU when the recipe declares GPU targets.
+  offloading every layer to the GPU when the recipe declares GPU targets; each again with every
+  KV-cache type the variant measured (``kv_cache_types``: ``-ctk/-ctv``).
 
 Profiles are named like the ecosystem's (``trtllm-fp8-tp2``, ``vllm-w4a16-tp1``,
 ``llamacpp-q4_k_m-cpu``); targets whose GPU cannot run the format in an engine get no profile for
@@ -91,7 +92,7 @@ def vllm_profiles(backend, variant, fmt, targets) -> list[dict[str, Any]]:
     """``vllm serve`` profiles, one per distinct shape among the targets that run the variant in vLLM."""
     profiles: dict[str, dict[str, Any]] = {}
     slug = _slug(fmt.scheme)
-    kv_fp8 = getattr(variant, "kv_cache_qformat", None) == "fp8"
+    kv_fp8 = fmt.kv_cache == "fp8"  # the checkpoint carries calibrated k/v scales
     for target in targets:
         if not backend.runs_on(variant, compute_capability(target.gpu), "vllm"):
             continue
@@ -133,9 +134,13 @@ def llamacpp_profiles(backend, variant, fmt, targets) -> list[dict[str, Any]]:
                 "--ctx-size", str(slots * seq_len) if seq_len else "0"]
         if kind == "gpu":
             args += ["--n-gpu-layers", "999"]
-        name = f"llamacpp-{slug}-{kind}"
-        out.append({"name": name, "engine": "llamacpp", "gpus": gpus, "args": args,
-                    "command": " ".join(["llama-server", "-m", "{path}/{file}", *args])})
+        # One profile per measured KV-cache type too (flash attention: llama.cpp needs it for a
+        # quantized V cache).
+        for cache in [None, *variant.kv_cache_types]:
+            extra = [] if cache is None else ["--cache-type-k", cache, "--cache-type-v", cache, "--flash-attn", "on"]
+            name = f"llamacpp-{slug}-{kind}" + ("" if cache is None else f"-kv-{_slug(cache)}")
+            out.append({"name": name, "engine": "llamacpp", "gpus": gpus, "args": args + extra,
+                        "command": " ".join(["llama-server", "-m", "{path}/{file}", *args, *extra])})
     return out
 
 

@@ -43,6 +43,7 @@ class Row:
     # Per target GPU (GPU engines' variants): the estimated speed, and the same for the model in 16 bits.
     estimates: dict[str, Estimate] = field(default_factory=dict)
     reference_estimates: dict[str, Estimate] = field(default_factory=dict)
+    kv_cache: dict[str, dict[str, Any]] | None = None  # GGUF: per KV-cache type, its metrics and added mean KLD
     location: str = ""
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -125,6 +126,7 @@ def collect(storage: Storage, model: str, gpus: tuple[str, ...] = ()) -> list[Ro
             gate_passed=(manifest.get("gate") or {}).get("passed"),
             min_compute_capability=fmt.get("min_compute_capability"),
             speed=_speed(manifest),
+            kv_cache=manifest.get("kv_cache"),
             location=storage.location(f"{e['model']}/{e['variant']}/{e['version']}"),
             manifest=manifest,
         ))

@@ -136,8 +136,11 @@ def use_case(row: Row, recs: list[Recommendation]) -> str:
     return f"{engines(row)} on GPUs {min_gpu(row)}"
 
 
-def missing(row: Row) -> str:
-    return f"missing: {', '.join(row.missing_metrics)}" if row.missing_metrics else ""
+def row_notes(row: Row) -> str:
+    """Missing metrics, and what each measured KV-cache type adds to the mean KLD."""
+    said = [f"missing: {', '.join(row.missing_metrics)}"] if row.missing_metrics else []
+    said += [f"KV cache {kind}: KLD {m['added_mean_kld']:+.4f}" for kind, m in (row.kv_cache or {}).items()]
+    return "; ".join(said)
 
 
 SUMMARY_HEAD = ["Variant", "Format", "Bits", "Quality vs baseline", "Speedup (same engine)", "Use case"]
@@ -177,7 +180,7 @@ def markdown(rep: Report) -> str:
     lines += ["", "## Plots", ""]
     lines += [f"![{caption}]({name})\n" for name, (caption, _png) in rep.plots.items()]
     lines += ["## Every variant", ""]
-    lines += _md_table(DETAIL_HEAD + ["Notes"], [detail_cells(r) + [missing(r)] for r in rep.rows])
+    lines += _md_table(DETAIL_HEAD + ["Notes"], [detail_cells(r) + [row_notes(r)] for r in rep.rows])
     if rep.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in rep.notes]
     return "\n".join(lines) + "\n"
@@ -224,7 +227,7 @@ def html_page(rep: Report) -> str:
         + f"<h2>Recommendations</h2><ul id=recommendations>{recs or '<li>no targets declared</li>'}</ul>"
         + f"<h2>Plots</h2>{figures}"
         + "<h2>Every variant</h2>"
-        + _html_table(DETAIL_HEAD + ["Notes"], [detail_cells(r) + [missing(r)] for r in rep.rows], "variants",
+        + _html_table(DETAIL_HEAD + ["Notes"], [detail_cells(r) + [row_notes(r)] for r in rep.rows], "variants",
                       ["missing" if r.missing_metrics else "" for r in rep.rows])
         + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "")
         + "</body></html>\n"

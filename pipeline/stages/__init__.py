@@ -23,6 +23,7 @@ VERSIONS: dict[str, int] = {
     "gguf_imatrix": 2,
     "gguf_quantize": 3,
     "gguf_speed": 2,
+    "gguf_kv_cache": 1,
     "trtllm_engine": 1,
     "publish_engine": 1,
 }

@@ -159,7 +159,73 @@ def test_tokenizer_check_finds_a_different_tokenizer(tmp_path, tiny_smol, tiny_m
     assert other["mismatches"] == len(texts) and other["first"][0]["gguf"] != other["first"][0]["hf"]
 
 
+@pytest.fixture(scope="module")
+def tiny_smol_wide_heads(tmp_path_factory, tiny_smol) -> Path:
+    """The tiny model with two heads of 32 (a quantized llama.cpp KV cache stores blocks of 32)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-smol-32")
+    for path in tiny_smol.iterdir():  # the tokenizer and its template; the weights are new
+        if path.name not in ("config.json", "model.safetensors"):
+            shutil.copy(path, out / path.name)
+    config = LlamaConfig.from_pretrained(tiny_smol)
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def test_kv_cache_types_are_measured_in_llama_cpp_and_served(cli, dirs, tmp_path, tiny_smol_wide_heads, wikitext,
+                                                             toolchain):
+    """Each KV-cache type of a variant is scored in llama.cpp with its cache in that type: its
+    KLD cost is in the manifest and the report, and a serving profile sets the same flags."""
+    recipe = gguf_recipe(tmp_path, tiny_smol_wide_heads, wikitext, """\
+        - name: gguf-q8
+          backend: llamacpp
+          type: Q8_0
+          kv_cache_types: [q8_0, q4_0]
+    """, calibration=False)
+    code, _, err = cli("run", recipe)
+    assert code == 0, err
+    m = json.loads((_published(dirs["storage"], "gguf-q8") / "manifest.json").read_text())
+    kv = m["kv_cache"]
+    assert sorted(kv) == ["q4_0", "q8_0"]
+    for kind, figures in kv.items():
+        assert figures["tokens_scored"] == m["metrics"]["tokens_scored"], kind
+        assert figures["added_mean_kld"] == pytest.approx(figures["mean_kld"] - m["metrics"]["mean_kld"])
+    # A coarser cache costs more, and a quantized cache is not free: the cache type reached llama.cpp.
+    assert kv["q4_0"]["mean_kld"] > kv["q8_0"]["mean_kld"] > m["metrics"]["mean_kld"]
+    profiles = {p["name"]: p for p in m["serving_profiles"]}
+    assert "--cache-type-k q4_0 --cache-type-v q4_0 --flash-attn on" in profiles["llamacpp-q8_0-cpu-kv-q4_0"]["command"]
+    assert "--cache-type-k" not in profiles["llamacpp-q8_0-cpu"]["command"]
+    # The cache is a serving choice: the file's key is the one built without it.
+    from pipeline.backends.llamacpp import LlamaCppVariant
+
+    spec = {"name": "g", "backend": "llamacpp", "type": "Q8_0"}
+    assert LlamaCppVariant(**spec, kv_cache_types=["q4_0"]).backend_params() == LlamaCppVariant(**spec).backend_params()
+    code, out, err = cli("report", recipe, "--storage", str(dirs["storage"]), "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    assert "KV cache q4_0: KLD +" in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_bad_gguf_input(cli, dirs, tmp_path, tiny_smol, tiny_model, wikitext, toolchain):
+    # A head dimension a quantized cache cannot store (16: blocks are 32): refused at plan time.
+    recipe = gguf_recipe(tmp_path, tiny_smol, wikitext, "- name: g\n  backend: llamacpp\n  type: Q8_0\n"
+                         "  kv_cache_types: [q8_0]\n", calibration=False)
+    code, _, err = cli("plan", recipe)
+    assert code == 2 and "kv_cache_types" in err and "head dimension is 16" in err, err
+    # A KV-cache type llama-server does not take, or one twice: one line naming the field.
+    recipe = gguf_recipe(tmp_path, tiny_smol, wikitext, "- name: g\n  backend: llamacpp\n  type: Q8_0\n"
+                         "  kv_cache_types: [q3_k]\n", calibration=False)
+    code, _, err = cli("validate", recipe)
+    assert code == 2 and "kv_cache_types" in err and "q8_0" in err and len(err.strip().splitlines()) == 1
+    recipe = gguf_recipe(tmp_path, tiny_smol, wikitext, "- name: g\n  backend: llamacpp\n  type: Q8_0\n"
+                         "  kv_cache_types: [q8_0, q8_0]\n", calibration=False)
+    code, _, err = cli("validate", recipe)
+    assert code == 2 and "each KV-cache type once" in err and len(err.strip().splitlines()) == 1
     # Unknown type: the schema names the allowed ones.
     recipe = gguf_recipe(tmp_path, tiny_smol, wikitext, "- name: g\n  backend: llamacpp\n  type: Q4_K_X\n")
     code, _, err = cli("validate", recipe)

@@ -21,9 +21,10 @@ VARIANTS = {
     "nvfp4": "scheme: NVFP4\n    calibration: {samples: 4}",
     "mxfp4a16": "scheme: MXFP4A16",
     "mxfp4": "scheme: MXFP4",
+    "fp8-dynamic-kv-fp8": "scheme: FP8_DYNAMIC\n    kv_cache_scheme: fp8",
 }
 MIN_CC = {"fp8-static": 8.9, "w8a8-sq-gptq": 7.5, "w8a16": 7.5, "w4a16-gptq": 7.5, "w4a16-awq": 7.5,
-          "nvfp4a16": 10.0, "nvfp4": 10.0, "mxfp4a16": 10.0, "mxfp4": 10.0}
+          "nvfp4a16": 10.0, "nvfp4": 10.0, "mxfp4a16": 10.0, "mxfp4": 10.0, "fp8-dynamic-kv-fp8": 8.9}
 
 
 def _recipe(folder: Path, model: Path, wikitext: Path, variants: dict[str, str], extra: str = "") -> Path:
@@ -58,7 +59,7 @@ def test_variant_is_published_with_its_format(built, name):
     assert m["mean_kld"] >= 0 and m["ppl"] > 0 and 0 <= m["top1"] <= 1
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"
-    calibrated = name in ("fp8-static", "w8a8-sq-gptq", "w4a16-gptq", "w4a16-awq", "nvfp4")
+    calibrated = name in ("fp8-static", "w8a8-sq-gptq", "w4a16-gptq", "w4a16-awq", "nvfp4", "fp8-dynamic-kv-fp8")
     assert (manifest["data"]["calibration"] is not None) == calibrated
     if name == "nvfp4":
         assert manifest["data"]["calibration"]["samples"] == 4  # the per-variant override
@@ -103,6 +104,38 @@ def test_fp4_weights_are_the_stored_values_exactly(built):
     scale = stored[f"{name}.weight_scale"].float() / stored[f"{name}.weight_global_scale"].float()
     expected = (q.view(rows, -1, 16) * scale[:, :, None]).view(rows, cols)
     torch.testing.assert_close(model.get_submodule(name).weight, expected, rtol=0, atol=0)
+
+
+def test_fp8_kv_cache_is_calibrated_stored_and_simulated(built):
+    """``kv_cache_scheme: fp8``: llm-compressor calibrates a k and v scale per attention layer,
+    the checkpoint declares the scheme as vLLM reads it, and the evaluation quantizes keys and
+    values with those scales (compressed-tensors' own KV-cache hooks): switching them off changes
+    the logits."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.backends.llmcompressor import LLMCompressorBackend
+
+    folder = built["published"]["fp8-dynamic-kv-fp8"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format"]["kv_cache"] == "fp8" and "KV cache: FP8" in manifest["evaluation"]["method"]
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["kv_cache_scheme"]["type"] == "float" and config["kv_cache_scheme"]["num_bits"] == 8
+    stored = load_file(str(folder / "model.safetensors"))
+    for layer in (0, 1):
+        for kind in ("k", "v"):
+            scale = stored[f"model.layers.{layer}.self_attn.{kind}_scale"]
+            assert scale.numel() == 1 and float(scale) > 0
+    model = LLMCompressorBackend().load_for_eval(folder, "cpu")
+    assert model.modelbuild_kv_cache_layers == 2
+    ids = torch.arange(3, 35)[None]
+    with torch.no_grad():
+        with_kv = model(ids).logits
+        for module in model.modules():
+            if hasattr(module, "kv_cache"):
+                module.quantization_enabled = False
+        without = model(ids).logits
+    assert not torch.equal(with_kv, without)
 
 
 def test_hf_dataset_calibration_offline(cli, tiny_model, wikitext, tmp_path, dirs, monkeypatch):

@@ -32,8 +32,9 @@ def _publish_with_profiles(url: str, tmp_path: Path) -> str:
     from pipeline.storage.location import open_storage
     from pipeline.storage.publish import publish_variant
 
-    class _V:  # the one field llamacpp_profiles reads
+    class _V:  # the fields llamacpp_profiles reads
         type = "Q4_K_M"
+        kv_cache_types: list[str] = []
 
     manifest = _manifest(engines=("llamacpp",), cc=None)
     manifest["serving_profiles"] = [{**p, "command": p["command"].replace("{file}", "model.safetensors")}
