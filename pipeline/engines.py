@@ -44,6 +44,9 @@ class Engine:
             targets: ``cpu``, each of the recipe's ``gpus``, or nowhere (None).
         starter: the variants ``modelbuild init`` writes for it, in words (None: init offers it
             none).
+        thread_flags: the server's flags that set how many CPU threads it computes on (a CPU
+            engine's server otherwise takes every core of the host, so replicas on one host
+            oversubscribe it).
     """
 
     id: str
@@ -58,6 +61,7 @@ class Engine:
     ipc_host: bool = False
     recommended_on: Literal["cpu", "gpus"] | None = None
     starter: str | None = None
+    thread_flags: tuple[str, ...] = ()
 
 
 # Official images; pin a tag in production (the profiles' options follow these engines' CLIs).
@@ -73,7 +77,8 @@ CATALOGUE: tuple[Engine, ...] = (
            cpu=False, profiles=None),
     Engine("llamacpp", "llama.cpp", "llama.cpp", ("llama.cpp",), "ghcr.io/ggml-org/llama.cpp:server", 8080,
            cpu=True, profiles="llama-server", image_runs_server=True, recommended_on="cpu",
-           starter="GGUF files made by llama.cpp's converter and llama-quantize"),
+           starter="GGUF files made by llama.cpp's converter and llama-quantize",
+           thread_flags=("--threads", "--threads-batch")),
 )
 IDS: tuple[str, ...] = tuple(e.id for e in CATALOGUE)
 CPU_IDS: tuple[str, ...] = tuple(e.id for e in CATALOGUE if e.cpu)

@@ -29,7 +29,7 @@ def test_every_record_is_complete():
     for e in CATALOGUE:
         for f in fields(e):
             value = getattr(e, f.name)
-            if f.name in ("profiles", "recommended_on", "starter"):
+            if f.name in ("profiles", "recommended_on", "starter", "thread_flags"):
                 continue  # optional by design; checked below
             assert value is not None and value != "" and value != (), (e.id, f.name)
         assert engines.canonical(e.id) == e.id and engines.get(e.id) is e
@@ -37,6 +37,7 @@ def test_every_record_is_complete():
         assert e.profiles is None or e.profiles in BUILDERS, e.id
         assert e.recommended_on in (None, "cpu", "gpus")
         assert (e.recommended_on == "cpu") == e.cpu  # a CPU engine is recommended on the CPU
+        assert bool(e.thread_flags) == e.cpu  # a CPU engine's replicas can be given their cores
     assert {e.profiles for e in CATALOGUE if e.profiles} == set(BUILDERS)  # no builder without an engine
     assert engines.CPU_IDS == ("llamacpp",)
 

@@ -387,7 +387,7 @@ def test_deploy_example_is_what_deploy_generates_from_the_demo(demo, tmp_path):
 
     out = tmp_path / "example"
     done = _store_cli("deploy", "smollm2-135m-instruct/gguf-q4_k_m", str(out), "--replicas", "3",
-                      "--mount-from", "/mnt/models", dirs=demo["dirs"])
+                      "--cpus-per-replica", "2", "--mount-from", "/mnt/models", dirs=demo["dirs"])
     assert done.returncode == 0, done.stderr
 
     def normal(text: str) -> list[str]:

@@ -255,10 +255,14 @@ def deploy(
     mount_from: Annotated[str | None, typer.Option(
         "--mount-from", help="A filesystem store's path on the serving hosts (e.g. its NFS mount point).",
         show_default="its path here")] = None,
+    cpus_per_replica: Annotated[int | None, typer.Option(
+        "--cpus-per-replica", help="CPU cores each replica of a CPU engine may use and computes on "
+        "(its thread flags); replicas × cores at most the host's when they share one.",
+        show_default="all of the host's")] = None,
     storage: StorageOpt = None,
 ) -> None:
     """Write a Docker Compose deployment of a published variant: N replicas, nginx, health checks."""
-    from pipeline.publishing.deploy import compose, pick_profile
+    from pipeline.publishing.deploy import compose, pick_profile, shares_cores
     from pipeline.storage.refs import parse_ref
     from pipeline.storage.registry import resolve
 
@@ -269,12 +273,16 @@ def deploy(
     chosen = pick_profile(manifest, (engines.canonical(engine) or engine) if engine else None, profile)
     root = store.local_path("")
     files = compose(manifest=manifest, storage_url=store.url, location=store.location(rel), profile=chosen,
-                    replicas=replicas, local_root=(mount_from or str(root)) if root is not None else None, port=port)
+                    replicas=replicas, local_root=(mount_from or str(root)) if root is not None else None, port=port,
+                    cpus_per_replica=cpus_per_replica)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
     typer.echo(f"{parsed.model}/{parsed.variant}@{version}: {replicas} x {chosen['name']} → {out} "
                f"({', '.join(sorted(files))}); start with: docker compose -f {out / 'docker-compose.yml'} up -d")
+    if shares_cores(engines.get(chosen["engine"]), replicas, cpus_per_replica):
+        typer.echo(f"note: each of the {replicas} replicas computes on every core of its host; where they share one, "
+                   "give --cpus-per-replica (replicas × cores at most the host's)", err=True)
 
 
 def push_hub(

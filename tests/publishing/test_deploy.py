@@ -94,6 +94,40 @@ def test_deploy_names_the_profiles_when_asked_for_a_missing_one(tmp_path):
     assert bad.returncode == 2 and "profiles: llamacpp-q4_k_m-cpu" in bad.stderr
 
 
+def test_cpu_replicas_are_given_their_own_cores_or_warned_that_they_share(tmp_path, compose_schema):
+    """llama-server computes on every core of its host by default, so replicas sharing one host
+    oversubscribe it: deploy says so (a note and a comment) unless given --cpus-per-replica, which
+    becomes Compose's `cpus` and the server's thread flags; nonsense is refused in one line."""
+    store = tmp_path / "store"
+    _publish_with_profiles(str(store), tmp_path)
+    shared = _cli("deploy", "m/q4", str(tmp_path / "shared"), "--replicas", "2", "--storage", str(store))
+    assert shared.returncode == 0 and "note: each of the 2 replicas computes on every core" in shared.stderr
+    assert "share the host's cores" in (tmp_path / "shared" / "docker-compose.yml").read_text()
+    own = _cli("deploy", "m/q4", str(tmp_path / "own"), "--replicas", "2", "--cpus-per-replica", "3",
+               "--storage", str(store))
+    assert own.returncode == 0 and "note:" not in own.stderr, own.stderr
+    text = (tmp_path / "own" / "docker-compose.yml").read_text()
+    doc = yaml.safe_load(text)
+    _validate(doc, compose_schema)
+    assert "share the host's cores" not in text
+    for service in (doc["services"]["replica-1"], doc["services"]["replica-2"]):
+        command = service["command"]
+        assert service["cpus"] == 3
+        assert command[command.index("--threads") + 1] == command[command.index("--threads-batch") + 1] == "3"
+    for bad in ("0", "-2"):
+        refused = _cli("deploy", "m/q4", str(tmp_path / f"bad{bad}"), "--cpus-per-replica", bad,
+                       "--storage", str(store))
+        assert refused.returncode == 2 and "--cpus-per-replica must be at least 1" in refused.stderr
+        assert "Traceback" not in refused.stderr and not (tmp_path / f"bad{bad}").exists()
+    from pipeline.errors import StorageError
+    from pipeline.publishing.deploy import compose
+
+    vllm = {"name": "vllm-h100", "engine": "vllm", "command": "vllm serve /store/m/q4/v --port 8000"}
+    with pytest.raises(StorageError, match="for CPU engines; vLLM replicas compute on GPUs"):
+        compose(manifest=_manifest(engines=("vllm",), cc=9.0), storage_url="/store", location="/store/m/q4/v",
+                profile=vllm, replicas=2, local_root="/store", cpus_per_replica=4)
+
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "example"
 
 
